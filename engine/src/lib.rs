@@ -1,0 +1,1 @@
+//! The pre-copy migration engine (work in progress: see issue 5).

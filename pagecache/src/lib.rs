@@ -1,0 +1,1 @@
+//! The XBZRLE page cache (work in progress: see issue 3).
