@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod inspect;
+mod kvm_guest;
 mod migrate;
 
 /// Live migration of guest memory, QEMU-compatible.
