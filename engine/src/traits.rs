@@ -1,0 +1,166 @@
+//! The VMM boundary: what the engine needs from a guest, as four small traits.
+//!
+//! A VMM author plugs the engine into a VMM by implementing these traits for their guest
+//! (the engine ships two implementations: the simulated guest in [`crate::sim`] and, with
+//! the `kvm` feature, a real KVM guest). The engine is the only caller during a migration;
+//! every method may be called from the engine's migration thread while vCPUs run.
+//!
+//! | trait | QEMU counterpart | used for |
+//! |---|---|---|
+//! | [`GuestRam`] | `RAMBlock` list, `ramblock_recv`/`host` pointers | RAM block names and used lengths, copying one page out |
+//! | [`DirtyLog`] | `memory_global_dirty_log_start/sync/stop`, `KVM_GET_DIRTY_LOG` | fetch-and-clear of the dirty bitmap per block |
+//! | [`VcpuControl`] | `vm_stop_force_state(RUN_STATE_FINISH_MIGRATE)`, `vm_start` | stopping the guest for switchover, resuming it on failure |
+//! | [`Throttle`] | `cpu_throttle_set` (softmmu/cpu-throttle.c) | auto-converge |
+//!
+//! Pages are [`xbzrle::PAGE_SIZE`] (4096) bytes. A page is addressed by its RAM block index
+//! (position in [`GuestRam::blocks`]) and its page index inside that block (byte offset /
+//! 4096). Guest memory is never exposed as `&[u8]`: a vCPU may be writing it, so the only
+//! access is a copy of one page into a caller-owned [`Page`].
+
+use std::sync::Arc;
+
+use xbzrle::{PAGE_SIZE, Page};
+
+/// One RAM block of a guest, as it appears in the stream's MEM_SIZE record.
+///
+/// Source: QEMU `RAMBlock` (`idstr`, `used_length`), include/exec/ramblock.h.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamBlockInfo {
+    /// The block's id string, e.g. `pc.ram`; 1..=255 bytes (it is written with a u8 length).
+    pub name: String,
+    /// Bytes of the block that are migrated; a multiple of [`PAGE_SIZE`].
+    pub used_length: u64,
+}
+
+impl RamBlockInfo {
+    /// Number of pages in the block (`used_length / PAGE_SIZE`).
+    pub fn pages(&self) -> u64 {
+        self.used_length / PAGE_SIZE as u64
+    }
+}
+
+/// An error reported by a guest implementation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GuestError {
+    /// `block` is not an index into [`GuestRam::blocks`].
+    #[error("no RAM block with index {block}")]
+    NoSuchBlock {
+        /// The index asked for.
+        block: usize,
+    },
+    /// `page` is past the end of block `block`.
+    #[error("page {page} is past the end of RAM block {block} ({pages} pages)")]
+    PageOutOfRange {
+        /// Block index.
+        block: usize,
+        /// Page index asked for.
+        page: u64,
+        /// Pages in the block.
+        pages: u64,
+    },
+    /// A bitmap passed to [`DirtyLog::fetch_and_clear`] has the wrong number of words.
+    #[error("dirty bitmap for block {block} has {got} words, expected {expected}")]
+    BitmapSize {
+        /// Block index.
+        block: usize,
+        /// Words supplied.
+        got: usize,
+        /// Words needed (`pages.div_ceil(64)`).
+        expected: usize,
+    },
+    /// The VMM failed (an ioctl, a closed vCPU channel, ...).
+    #[error("VMM error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Anything else the VMM wants to report.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Guest RAM: the list of RAM blocks and page copy-out.
+///
+/// Contract:
+/// * [`blocks`](GuestRam::blocks) returns the same list for the whole life of a migration
+///   (RAM hotplug during migration is a blocker in QEMU too).
+/// * [`read_page`](GuestRam::read_page) copies page `page` of block `block` into `out`. It
+///   must not tear below 8-byte granularity with respect to a concurrent guest write of an
+///   aligned word, and it must be safe (no data race in the Rust sense) while vCPUs run. The
+///   copy may mix old and new bytes of a page being written; the dirty log makes the engine
+///   send such a page again (see [`DirtyLog`]).
+pub trait GuestRam: Send + Sync {
+    /// The guest's RAM blocks, in migration order.
+    fn blocks(&self) -> Vec<RamBlockInfo>;
+
+    /// Copy one page out of guest RAM into `out`.
+    ///
+    /// Errors: [`GuestError::NoSuchBlock`], [`GuestError::PageOutOfRange`], or a VMM error.
+    fn read_page(&self, block: usize, page: u64, out: &mut Page) -> Result<(), GuestError>;
+}
+
+/// The guest's dirty log: which pages were written since the last fetch.
+///
+/// Contract:
+/// * Between [`log_start`](DirtyLog::log_start) and [`log_stop`](DirtyLog::log_stop) every
+///   guest write to a page must be recorded, and must become visible to a later
+///   [`fetch_and_clear`](DirtyLog::fetch_and_clear) no earlier than the write itself (mark
+///   after write, or mark on write-fault as KVM does): if the engine copies a page after
+///   fetching its bit, either the copy contains the write or the bit is set again.
+/// * `fetch_and_clear` ORs the pages dirtied since the previous fetch into `bitmap` (bit
+///   `i % 64` of word `i / 64` is page `i`, little-endian bit order as in KVM's dirty log) and
+///   clears them in the log. It never clears bits in `bitmap`. `bitmap` has exactly
+///   `pages.div_ceil(64)` words, else [`GuestError::BitmapSize`].
+/// * One call of [`fetch_and_clear`](DirtyLog::fetch_and_clear) for every block is one
+///   dirty-bitmap sync (QEMU's `migration_bitmap_sync`); the engine counts syncs.
+pub trait DirtyLog: Send + Sync {
+    /// Start dirty logging (clearing anything logged before).
+    fn log_start(&self) -> Result<(), GuestError>;
+    /// Fetch-and-clear the dirty bitmap of block `block` into `bitmap` (OR).
+    fn fetch_and_clear(&self, block: usize, bitmap: &mut [u64]) -> Result<(), GuestError>;
+    /// Stop dirty logging (after completion, failure or cancel).
+    fn log_stop(&self) -> Result<(), GuestError>;
+}
+
+/// vCPU control: stop the guest for switchover, resume it when a migration fails.
+///
+/// Contract: when [`stop`](VcpuControl::stop) returns `Ok`, no vCPU writes guest memory until
+/// [`resume`](VcpuControl::resume). Both are idempotent.
+pub trait VcpuControl: Send + Sync {
+    /// Stop every vCPU and wait until they are stopped.
+    fn stop(&self) -> Result<(), GuestError>;
+    /// Let the vCPUs run again.
+    fn resume(&self) -> Result<(), GuestError>;
+    /// True while the vCPUs run.
+    fn is_running(&self) -> bool;
+}
+
+/// CPU throttle for auto-converge.
+///
+/// Contract: with a throttle of `p` percent (0..=99; 0 = off) each vCPU sleeps `p` % of its
+/// time, in slices: QEMU sleeps `p / (100 - p)` × 10 ms after each 10 ms of running
+/// (softmmu/cpu-throttle.c, `CPU_THROTTLE_TIMESLICE_NS`).
+pub trait Throttle: Send + Sync {
+    /// Set the throttle percentage (0 turns it off). Values above 99 are clamped to 99.
+    fn set_throttle(&self, percent: u8) -> Result<(), GuestError>;
+    /// The throttle percentage in force.
+    fn throttle(&self) -> u8;
+}
+
+/// Everything the source side of a migration needs from a guest.
+///
+/// Implemented automatically for any type that implements the four traits.
+pub trait Guest: GuestRam + DirtyLog + VcpuControl + Throttle {}
+
+impl<T: GuestRam + DirtyLog + VcpuControl + Throttle + ?Sized> Guest for T {}
+
+/// A shared guest handle, as the engine holds it.
+pub type SharedGuest = Arc<dyn Guest>;
+
+/// Where the destination puts incoming RAM.
+///
+/// Contract: [`write_page`](GuestRamWrite::write_page) receives each page's final content
+/// once the stream completed and verified; blocks are those of the source's MEM_SIZE record,
+/// matched by name (an implementation returns [`GuestError::Other`] for an unknown block).
+pub trait GuestRamWrite {
+    /// Store one page of block `name` at page index `page`.
+    fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), GuestError>;
+}
