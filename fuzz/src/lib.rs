@@ -1,0 +1,177 @@
+//! Input shapes shared by the fuzz targets and by `seeds/generate.py`.
+//!
+//! libFuzzer mutates flat byte strings, so each target reads its input with
+//! one of the small, total parsers below. Every byte string is a valid
+//! input; the shapes are chosen so that a few bytes describe the cases that
+//! matter to XBZRLE (runs crossing 64-byte blocks, comb patterns that
+//! overflow, dense pages, output lengths around the canonical length).
+//!
+//! # Page-pair layout (`xbzrle_encode_diff`, `xbzrle_roundtrip`)
+//!
+//! ```text
+//! [seed u8] [out_len u16 LE] op*
+//! op = [skip u16 LE] [ctl u8] body
+//!   ctl < 0x80 : body = ctl+1 bytes; new[pos+k] ^= body[k]     (pos += ctl+1)
+//!   ctl >= 0x80: body = [x u8] [stride u8];
+//!                len = ((ctl & 0x7f) + 1) * 32,
+//!                new[pos+k] ^= x for k % (stride % 8 + 1) == 0  (pos += len)
+//! ```
+//! `pos` starts at 0 and each op first advances it by `skip`; positions wrap
+//! modulo `PAGE_SIZE`. `old` is [`pattern_page`]`(seed)`. An xor byte of 0
+//! leaves the byte unchanged, so literal runs may hold unchanged bytes.
+//!
+//! `out_len` with bit 15 clear is `out_len % OUT_LEN_MOD`; with bit 15 set
+//! it is the canonical delta length plus `(out_len & 0xf) - 8`, clamped at 0,
+//! which aims the fuzzer at the overflow boundary.
+//!
+//! # Zero-buffer layout (`zero_diff`)
+//!
+//! ```text
+//! [len u16 LE] [align u8] ([pos u16 LE] [value u8])*
+//! ```
+//! A zeroed buffer of `len % (2 * PAGE_SIZE + 1)` bytes starting `align % 64`
+//! bytes past a 64-byte boundary, with `value` stored at `pos % len`.
+
+use xbzrle::{PAGE_SIZE, Page};
+
+/// Output lengths without the boundary flag are taken modulo this. The
+/// longest canonical delta (every other byte changed) is 6143 bytes, so
+/// this covers both fitting and overflowing buffers.
+pub const OUT_LEN_MOD: usize = 6400;
+
+/// Bytes of guard pattern placed after every output buffer handed to an
+/// encoder; they must come back unchanged.
+pub const GUARD: usize = 64;
+
+/// The value guard bytes are filled with.
+pub const GUARD_BYTE: u8 = 0xa5;
+
+/// A page derived from one byte: all zero for 0, otherwise a varied
+/// pattern (so xor-ed bytes produce every value).
+pub fn pattern_page(seed: u8) -> Page {
+    let mut p = [0u8; PAGE_SIZE];
+    if seed != 0 {
+        for (i, b) in p.iter_mut().enumerate() {
+            let lo = (i as u8).wrapping_mul(seed | 1).wrapping_add(seed);
+            *b = lo.rotate_left((i >> 8) as u32 % 8);
+        }
+    }
+    p
+}
+
+/// How the output length of an encode call is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutLen {
+    /// A fixed length.
+    Fixed(usize),
+    /// The canonical delta length plus this (may be negative; clamped at 0).
+    AroundCanonical(isize),
+}
+
+impl OutLen {
+    /// The concrete length, given the canonical delta length.
+    pub fn resolve(self, canonical: usize) -> usize {
+        match self {
+            OutLen::Fixed(n) => n,
+            OutLen::AroundCanonical(d) => canonical.saturating_add_signed(d),
+        }
+    }
+}
+
+/// A parsed page-pair input: `old`, `new` and the output length.
+pub struct PagePair {
+    /// The page the receiver holds.
+    pub old: Box<Page>,
+    /// The page the sender holds now.
+    pub new: Box<Page>,
+    /// Output buffer length for the encoders.
+    pub out_len: OutLen,
+}
+
+fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if data.len() < n {
+        return None;
+    }
+    let (head, tail) = data.split_at(n);
+    *data = tail;
+    Some(head)
+}
+
+/// Parses the page-pair layout described in the module docs. Total: any
+/// byte string gives a pair (missing fields read as 0).
+pub fn page_pair(mut data: &[u8]) -> PagePair {
+    let seed = take(&mut data, 1).map_or(0, |b| b[0]);
+    let raw = take(&mut data, 2).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+    let out_len = if raw & 0x8000 != 0 {
+        OutLen::AroundCanonical(isize::from((raw & 0xf) as u8) - 8)
+    } else {
+        OutLen::Fixed(usize::from(raw) % OUT_LEN_MOD)
+    };
+    let old = Box::new(pattern_page(seed));
+    let mut new = old.clone();
+    let mut pos = 0usize;
+    while let Some(h) = take(&mut data, 3) {
+        pos = (pos + usize::from(u16::from_le_bytes([h[0], h[1]]))) % PAGE_SIZE;
+        let ctl = h[2];
+        if ctl < 0x80 {
+            let want = usize::from(ctl) + 1;
+            let n = want.min(data.len());
+            let body = take(&mut data, n).unwrap_or(&[]);
+            for (k, x) in body.iter().enumerate() {
+                new[(pos + k) % PAGE_SIZE] ^= x;
+            }
+            pos = (pos + want) % PAGE_SIZE;
+        } else {
+            let Some(b) = take(&mut data, 2) else { break };
+            let (x, stride) = (b[0], usize::from(b[1] % 8) + 1);
+            let len = (usize::from(ctl & 0x7f) + 1) * 32;
+            for k in (0..len).step_by(stride) {
+                new[(pos + k) % PAGE_SIZE] ^= x;
+            }
+            pos = (pos + len) % PAGE_SIZE;
+        }
+    }
+    PagePair { old, new, out_len }
+}
+
+/// Parses the zero-buffer layout described in the module docs. Returns the
+/// backing store, the offset of the buffer in it and its length; the store
+/// has at least [`GUARD`] bytes after the buffer.
+pub fn zero_buf(mut data: &[u8]) -> (Vec<u8>, usize, usize) {
+    let len = take(&mut data, 2).map_or(0, |b| usize::from(u16::from_le_bytes([b[0], b[1]])))
+        % (2 * PAGE_SIZE + 1);
+    let align = take(&mut data, 1).map_or(0, |b| usize::from(b[0] % 64));
+    // Over-allocate so a 64-byte boundary exists inside, then place the
+    // buffer `align` bytes after it.
+    let mut storage = vec![0u8; len + align + 64 + GUARD];
+    let base = storage.as_ptr().align_offset(64).min(63);
+    let start = base + align;
+    while let Some(op) = take(&mut data, 3) {
+        if len == 0 {
+            break;
+        }
+        let pos = usize::from(u16::from_le_bytes([op[0], op[1]])) % len;
+        storage[start + pos] = op[2];
+    }
+    (storage, start, len)
+}
+
+/// The obviously correct zero test every backend is compared with.
+pub fn naive_is_zero(buf: &[u8]) -> bool {
+    buf.iter().all(|&b| b == 0)
+}
+
+/// Encoder entry point shape shared by every backend.
+pub type EncodeFn<'a> = &'a dyn Fn(&Page, &Page, &mut [u8]) -> Result<usize, xbzrle::EncodeError>;
+
+/// Calls `f(name, encode)` for the crate's front-door encoder and for every
+/// backend this CPU can run.
+pub fn for_each_encoder(mut f: impl FnMut(&str, EncodeFn<'_>)) {
+    f("dispatch", &xbzrle::encode);
+}
+
+/// Calls `f(name, is_zero)` for the crate's front-door page zero test and
+/// for every backend this CPU can run.
+pub fn for_each_page_zero(mut f: impl FnMut(&str, &dyn Fn(&Page) -> bool)) {
+    f("dispatch", &|p: &Page| xbzrle::is_zero(p));
+}
