@@ -41,10 +41,7 @@ fn walk(delta: &[u8], mut apply: impl FnMut(usize, &[u8])) -> Result<(), DecodeE
         }
         let lit_start = i + used;
         let Some(lit) = delta.get(lit_start..lit_start + count) else {
-            return Err(DecodeError::new(
-                DecodeErrorKind::LiteralPastEndOfInput,
-                i,
-            ));
+            return Err(DecodeError::new(DecodeErrorKind::LiteralPastEndOfInput, i));
         };
         apply(d, lit);
         d += count;

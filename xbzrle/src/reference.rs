@@ -79,15 +79,10 @@ pub fn decode(delta: &[u8], page: &mut Page) -> Result<(), DecodeError> {
             return Err(DecodeError::new(DecodeErrorKind::PastEndOfPage, i));
         }
         if i + used + count > slen {
-            return Err(DecodeError::new(
-                DecodeErrorKind::LiteralPastEndOfInput,
-                i,
-            ));
+            return Err(DecodeError::new(DecodeErrorKind::LiteralPastEndOfInput, i));
         }
         i += used;
-        for k in 0..count {
-            work[d + k] = delta[i + k];
-        }
+        work[d..d + count].copy_from_slice(&delta[i..i + count]);
         d += count;
         i += count;
     }
