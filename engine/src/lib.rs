@@ -5,9 +5,21 @@
 //! The VMM boundary is in [`traits`]: implement [`GuestRam`], [`DirtyLog`],
 //! [`VcpuControl`] and [`Throttle`] for your guest.
 
+pub mod info;
+pub mod params;
+pub mod policy;
+pub mod sim;
 pub mod traits;
+pub mod transport;
 
+pub use info::{MigrationInfo, MigrationStatus, RamStats, XbzrleCacheStats};
+pub use params::{Capabilities, MigrationParameters, ParameterError, ParameterUpdate};
+pub use sim::{SimConfig, SimGuest, Workload};
 pub use traits::{
     DirtyLog, Guest, GuestError, GuestRam, GuestRamWrite, RamBlockInfo, SharedGuest, Throttle,
     VcpuControl,
 };
+pub use transport::{IncomingListener, MigrationUri, Outgoing, TransportError};
+
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm;
