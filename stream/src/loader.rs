@@ -1,0 +1,531 @@
+//! The destination side: [`Loader`] applies items onto a [`RamImage`];
+//! [`load`] reads a whole stream.
+
+use std::io::Read;
+
+use crate::decoder::{Item, Limits, RamBlockInfo, RamRecord, SectionKind};
+use crate::error::{Error, FormatError};
+use crate::format::PAGE_SIZE;
+use crate::io::StreamReader;
+use xbzrle::Page;
+
+/// One RAM block's contents at the destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamBlock {
+    name: String,
+    data: Vec<u8>,
+}
+
+impl RamBlock {
+    /// The block's id string.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The block's bytes (`used_length` of them).
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+    /// The block's bytes, mutably.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+    /// `used_length` in bytes.
+    pub fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+    /// True for a block of no bytes (never produced by MEM_SIZE).
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+/// The destination's RAM: one zero-filled byte buffer per MEM_SIZE block.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RamImage {
+    blocks: Vec<RamBlock>,
+}
+
+impl RamImage {
+    /// Allocates zeroed blocks for `infos`, refusing more than `max_bytes`
+    /// in total (checked before anything is allocated).
+    ///
+    /// # Errors
+    /// `Err(bytes)` with the total asked for, when it is over `max_bytes`
+    /// or the allocation fails.
+    pub fn new(infos: &[RamBlockInfo], max_bytes: u64) -> Result<Self, u64> {
+        let total = infos
+            .iter()
+            .try_fold(0u64, |a, b| a.checked_add(b.used_length))
+            .unwrap_or(u64::MAX);
+        if total > max_bytes {
+            return Err(total);
+        }
+        let mut blocks = Vec::with_capacity(infos.len());
+        for b in infos {
+            let len = usize::try_from(b.used_length).map_err(|_| total)?;
+            let mut data = Vec::new();
+            data.try_reserve_exact(len).map_err(|_| total)?;
+            data.resize(len, 0);
+            blocks.push(RamBlock {
+                name: b.name.clone(),
+                data,
+            });
+        }
+        Ok(RamImage { blocks })
+    }
+
+    /// The blocks in MEM_SIZE order.
+    pub fn blocks(&self) -> &[RamBlock] {
+        &self.blocks
+    }
+
+    /// The block named `name`.
+    pub fn block(&self, name: &str) -> Option<&RamBlock> {
+        self.blocks.iter().find(|b| b.name == name)
+    }
+
+    /// Total bytes over all blocks.
+    pub fn total_bytes(&self) -> u64 {
+        self.blocks.iter().map(RamBlock::len).sum()
+    }
+
+    /// The page at byte `offset` of block index `block`, if it lies inside.
+    pub fn page(&self, block: usize, offset: u64) -> Option<&Page> {
+        let b = self.blocks.get(block)?;
+        let o = usize::try_from(offset).ok()?;
+        b.data.get(o..o.checked_add(PAGE_SIZE)?)?.try_into().ok()
+    }
+
+    /// The page at byte `offset` of block index `block`, mutably.
+    pub fn page_mut(&mut self, block: usize, offset: u64) -> Option<&mut Page> {
+        let b = self.blocks.get_mut(block)?;
+        let o = usize::try_from(offset).ok()?;
+        b.data
+            .get_mut(o..o.checked_add(PAGE_SIZE)?)?
+            .try_into()
+            .ok()
+    }
+}
+
+/// Count and stream bytes (header included) of one record kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KindStats {
+    /// Records seen.
+    pub count: u64,
+    /// Stream bytes they took.
+    pub bytes: u64,
+}
+
+impl KindStats {
+    fn add(&mut self, bytes: usize) {
+        self.count += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+/// What a load saw, per record kind and section kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadStats {
+    /// MEM_SIZE records.
+    pub mem_size: KindStats,
+    /// ZERO records (QEMU `ram.duplicate`).
+    pub zero: KindStats,
+    /// PAGE records (QEMU `ram.normal`).
+    pub page: KindStats,
+    /// XBZRLE records.
+    pub xbzrle: KindStats,
+    /// EOS records.
+    pub eos: KindStats,
+    /// Sum of the XBZRLE deltas' lengths (without the 3-byte encoding/length prefix).
+    pub xbzrle_delta_bytes: u64,
+    /// Page records that carried a block name (CONTINUE not set).
+    pub records_with_block_name: u64,
+    /// Page records with CONTINUE.
+    pub records_with_continue: u64,
+    /// ram section START headers.
+    pub ram_start: u64,
+    /// ram section PART headers.
+    pub ram_part: u64,
+    /// ram section END headers.
+    pub ram_end: u64,
+    /// Section footers.
+    pub footers: u64,
+    /// Our device sections (FULL `precopy/...`).
+    pub device_sections: KindStats,
+    /// Stream bytes read up to where loading stopped.
+    pub bytes: u64,
+}
+
+/// A device section of ours, owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedDeviceState {
+    /// Stream offset of the section.
+    pub offset: u64,
+    /// Section id.
+    pub section_id: u32,
+    /// Id string, `precopy/...`.
+    pub name: String,
+    /// Instance id.
+    pub instance_id: u32,
+    /// Version id.
+    pub version_id: u32,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// Why loading stopped (when it did not fail).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// EOF was read; `vm_description` tells whether a VM description followed.
+    EndOfStream {
+        /// Offset of the EOF byte.
+        offset: u64,
+        /// A VM description followed EOF.
+        vm_description: bool,
+    },
+    /// A device section we cannot parse (QEMU device state): all RAM data
+    /// before it was applied.
+    ForeignSection {
+        /// Offset of the section header.
+        offset: u64,
+        /// START or FULL.
+        kind: SectionKind,
+        /// Section id.
+        section_id: u32,
+        /// Id string, e.g. `timer`.
+        name: String,
+        /// Instance id.
+        instance_id: u32,
+        /// Version id.
+        version_id: u32,
+    },
+}
+
+impl StopReason {
+    /// Offset where reading stopped (EOF byte or foreign section header).
+    pub fn offset(&self) -> u64 {
+        match self {
+            StopReason::EndOfStream { offset, .. } | StopReason::ForeignSection { offset, .. } => {
+                *offset
+            }
+        }
+    }
+}
+
+/// Whether to go on after [`Loader::apply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Feed the next item.
+    Continue,
+    /// Stop: a foreign section was reached ([`Loader::stop_reason`]).
+    Stop,
+}
+
+/// The destination-side loader: applies decoded items onto its [`RamImage`].
+///
+/// ZERO fills the page, PAGE copies it, XBZRLE decodes onto the current page
+/// with [`xbzrle::decode`] (all-or-nothing). The RAM image is allocated when
+/// MEM_SIZE arrives, bounded by [`Limits::max_ram_bytes`]. Our device
+/// sections and the VM description are kept; a foreign section stops
+/// loading. Compressed pages, RDMA hooks and commands are refused
+/// ([`FormatError::Unsupported`]). On any error the page concerned is untouched.
+#[derive(Debug, Default)]
+pub struct Loader {
+    limits: Limits,
+    image: RamImage,
+    stats: LoadStats,
+    device_states: Vec<OwnedDeviceState>,
+    vm_description: Option<Vec<u8>>,
+    machine_type: Option<String>,
+    file_version: Option<u32>,
+    stop: Option<StopReason>,
+}
+
+/// The result of [`load`].
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    /// The reconstructed RAM.
+    pub image: RamImage,
+    /// Counts and bytes per record kind.
+    pub stats: LoadStats,
+    /// Where and why reading stopped.
+    pub stop: StopReason,
+    /// Our device sections, in stream order.
+    pub device_states: Vec<OwnedDeviceState>,
+    /// The VM description JSON, if read.
+    pub vm_description: Option<Vec<u8>>,
+    /// Machine type from the configuration section, if any.
+    pub machine_type: Option<String>,
+    /// File version (3).
+    pub file_version: u32,
+}
+
+fn fmt_err(offset: u64, kind: FormatError) -> Error {
+    Error::Format { offset, kind }
+}
+
+impl Loader {
+    /// A loader with no RAM yet, allocating at most `limits.max_ram_bytes`.
+    pub fn new(limits: Limits) -> Self {
+        Loader {
+            limits,
+            ..Loader::default()
+        }
+    }
+
+    /// The RAM image so far.
+    pub fn image(&self) -> &RamImage {
+        &self.image
+    }
+
+    /// Counts so far.
+    pub fn stats(&self) -> &LoadStats {
+        &self.stats
+    }
+
+    /// Our device sections so far.
+    pub fn device_states(&self) -> &[OwnedDeviceState] {
+        &self.device_states
+    }
+
+    /// The VM description, once read.
+    pub fn vm_description(&self) -> Option<&[u8]> {
+        self.vm_description.as_deref()
+    }
+
+    /// Machine type, once read.
+    pub fn machine_type(&self) -> Option<&str> {
+        self.machine_type.as_deref()
+    }
+
+    /// Why loading stopped, once it did.
+    pub fn stop_reason(&self) -> Option<&StopReason> {
+        self.stop.as_ref()
+    }
+
+    /// Applies one item that started at stream `offset` and took `len` bytes.
+    ///
+    /// # Errors
+    /// [`Error::Alloc`] when the RAM image cannot be allocated;
+    /// [`Error::Format`] for an XBZRLE delta that does not apply
+    /// ([`FormatError::Xbzrle`]), a page outside the image, or an
+    /// unsupported record. The page is untouched on error.
+    pub fn apply(&mut self, offset: u64, item: &Item<'_>, len: usize) -> Result<Control, Error> {
+        let s = &mut self.stats;
+        match item {
+            Item::FileHeader { version } => self.file_version = Some(*version),
+            Item::Configuration(c) => self.machine_type = Some(c.machine_type.to_owned()),
+            Item::Section(h) => match h.kind {
+                SectionKind::Start => s.ram_start += 1,
+                SectionKind::Part => s.ram_part += 1,
+                SectionKind::End => s.ram_end += 1,
+                SectionKind::Full => {}
+            },
+            Item::Footer { .. } => s.footers += 1,
+            Item::Ram(rec) => {
+                self.apply_ram(offset, rec, len)?;
+            }
+            Item::DeviceState(d) => {
+                self.stats.device_sections.add(len);
+                self.device_states.push(OwnedDeviceState {
+                    offset,
+                    section_id: d.header.section_id,
+                    name: d.header.name.to_owned(),
+                    instance_id: d.header.instance_id,
+                    version_id: d.header.version_id,
+                    payload: d.payload.to_vec(),
+                });
+            }
+            Item::ForeignSection(h) => {
+                self.stats.bytes = offset;
+                self.stop = Some(StopReason::ForeignSection {
+                    offset,
+                    kind: h.kind,
+                    section_id: h.section_id,
+                    name: h.name.to_owned(),
+                    instance_id: h.instance_id,
+                    version_id: h.version_id,
+                });
+                return Ok(Control::Stop);
+            }
+            Item::Command { .. } => {
+                return Err(fmt_err(
+                    offset,
+                    FormatError::Unsupported {
+                        what: "migration command (postcopy/return path)",
+                    },
+                ));
+            }
+            Item::Eof => {
+                self.stop = Some(StopReason::EndOfStream {
+                    offset,
+                    vm_description: false,
+                });
+            }
+            Item::VmDescription(json) => {
+                self.vm_description = Some(json.to_vec());
+                if let Some(StopReason::EndOfStream { vm_description, .. }) = &mut self.stop {
+                    *vm_description = true;
+                }
+            }
+        }
+        self.stats.bytes = offset + len as u64;
+        Ok(Control::Continue)
+    }
+
+    fn apply_ram(&mut self, offset: u64, rec: &RamRecord<'_>, len: usize) -> Result<(), Error> {
+        let outside = |image: &RamImage, block: usize, page: u64| {
+            let (name, length) = image
+                .blocks
+                .get(block)
+                .map(|b| (b.name.clone(), b.len()))
+                .unwrap_or_else(|| (format!("#{block}"), 0));
+            fmt_err(
+                offset,
+                FormatError::PageOutsideBlock {
+                    block: name,
+                    offset: page,
+                    length,
+                },
+            )
+        };
+        let named = match *rec {
+            RamRecord::MemSize { ref blocks, .. } => {
+                self.image = RamImage::new(blocks, self.limits.max_ram_bytes)
+                    .map_err(|bytes| Error::Alloc { offset, bytes })?;
+                self.stats.mem_size.add(len);
+                return Ok(());
+            }
+            RamRecord::Eos => {
+                self.stats.eos.add(len);
+                return Ok(());
+            }
+            RamRecord::Zero {
+                block,
+                offset: page,
+                fill,
+                named,
+            } => {
+                let Some(p) = self.image.page_mut(block, page) else {
+                    return Err(outside(&self.image, block, page));
+                };
+                p.fill(fill);
+                self.stats.zero.add(len);
+                named
+            }
+            RamRecord::Page {
+                block,
+                offset: page,
+                data,
+                named,
+            } => {
+                let Some(p) = self.image.page_mut(block, page) else {
+                    return Err(outside(&self.image, block, page));
+                };
+                p.copy_from_slice(data);
+                self.stats.page.add(len);
+                named
+            }
+            RamRecord::Xbzrle {
+                block,
+                offset: page,
+                delta,
+                named,
+            } => {
+                let Some(p) = self.image.page_mut(block, page) else {
+                    return Err(outside(&self.image, block, page));
+                };
+                xbzrle::decode(delta, p).map_err(|e| fmt_err(offset, FormatError::Xbzrle(e)))?;
+                self.stats.xbzrle.add(len);
+                self.stats.xbzrle_delta_bytes += delta.len() as u64;
+                named
+            }
+            RamRecord::CompressedPage { .. } => {
+                return Err(fmt_err(
+                    offset,
+                    FormatError::Unsupported {
+                        what: "compressed page (compress capability)",
+                    },
+                ));
+            }
+            RamRecord::Hook => {
+                return Err(fmt_err(
+                    offset,
+                    FormatError::Unsupported {
+                        what: "RDMA hook record",
+                    },
+                ));
+            }
+        };
+        if named {
+            self.stats.records_with_block_name += 1;
+        } else {
+            self.stats.records_with_continue += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads and applies items from `reader` until the stream ends or a
+    /// foreign section is reached.
+    ///
+    /// # Errors
+    /// As [`StreamReader::next_with`] and [`apply`](Self::apply).
+    pub fn load_from<R: Read>(&mut self, reader: &mut StreamReader<R>) -> Result<(), Error> {
+        while let Some(r) = reader.next_with(|off, item, len| self.apply(off, item, len))? {
+            if r? == Control::Stop {
+                break;
+            }
+        }
+        if self.stop.is_none() {
+            // next_with returned None: the decoder accepted the end of input,
+            // which it only does after EOF.
+            return Err(fmt_err(
+                reader.decoder().position(),
+                FormatError::Truncated {
+                    what: "stream (no EOF marker)",
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ends loading and hands back everything.
+    ///
+    /// # Errors
+    /// [`FormatError::Truncated`] when loading never reached EOF or a foreign section.
+    pub fn finish(self) -> Result<Loaded, Error> {
+        let stop = self.stop.ok_or_else(|| {
+            fmt_err(
+                self.stats.bytes,
+                FormatError::Truncated {
+                    what: "stream (no EOF marker)",
+                },
+            )
+        })?;
+        Ok(Loaded {
+            image: self.image,
+            stats: self.stats,
+            stop,
+            device_states: self.device_states,
+            vm_description: self.vm_description,
+            machine_type: self.machine_type,
+            file_version: self.file_version.unwrap_or(0),
+        })
+    }
+}
+
+/// Reads a whole stream from `input` onto a fresh RAM image.
+///
+/// Stops at EOF (reading the VM description if present) or at the first
+/// foreign device section ([`StopReason::ForeignSection`]).
+///
+/// # Errors
+/// [`Error`] with the byte offset: malformed or truncated stream, RAM over
+/// `limits.max_ram_bytes`, I/O.
+pub fn load<R: Read>(input: R, limits: Limits) -> Result<Loaded, Error> {
+    let mut reader = StreamReader::new(input, limits);
+    let mut loader = Loader::new(limits);
+    loader.load_from(&mut reader)?;
+    loader.finish()
+}

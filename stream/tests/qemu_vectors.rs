@@ -1,0 +1,314 @@
+//! Against the real QEMU 7.2 streams in `shared/qemu-vectors` (see its README):
+//! per-block SHA-256, record counts, XBZRLE RAM == plain RAM, and our encoder
+//! rewriting QEMU's RAM records byte for byte.
+//!
+//! The folder is found through `PRECOPY_VECTORS`, else
+//! `$CARGO_MANIFEST_DIR/../../shared/qemu-vectors`. A missing folder fails.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use precopy_stream::{
+    Decoder, Encoder, Item, Limits, Loaded, RamBlockInfo, RamRecord, SectionKind, StopReason, load,
+};
+use sha2::{Digest, Sha256};
+
+fn vectors_dir() -> PathBuf {
+    let dir = match std::env::var_os("PRECOPY_VECTORS") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/qemu-vectors"),
+    };
+    assert!(
+        dir.join("README.md").is_file(),
+        "QEMU vectors not found at {} (set PRECOPY_VECTORS to the qemu-vectors folder)",
+        dir.display()
+    );
+    dir
+}
+
+fn unxz(name: &str) -> Vec<u8> {
+    let path = vectors_dir().join(name);
+    let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out = Vec::new();
+    xz2::read::XzDecoder::new(std::io::BufReader::new(f))
+        .read_to_end(&mut out)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    out
+}
+
+fn xbzrle_stream() -> &'static [u8] {
+    static S: OnceLock<Vec<u8>> = OnceLock::new();
+    S.get_or_init(|| unxz("xbzrle-stream.bin.xz"))
+}
+
+fn plain_stream() -> &'static [u8] {
+    static S: OnceLock<Vec<u8>> = OnceLock::new();
+    S.get_or_init(|| unxz("plain-stream.bin.xz"))
+}
+
+fn loaded(which: &str) -> &'static Loaded {
+    static X: OnceLock<Loaded> = OnceLock::new();
+    static P: OnceLock<Loaded> = OnceLock::new();
+    let (cell, bytes) = match which {
+        "xbzrle" => (&X, xbzrle_stream()),
+        _ => (&P, plain_stream()),
+    };
+    cell.get_or_init(|| load(bytes, Limits::default()).expect("QEMU stream loads"))
+}
+
+fn expected() -> serde_json::Value {
+    let text = std::fs::read_to_string(vectors_dir().join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn check_blocks(l: &Loaded) {
+    let exp = expected();
+    let blocks = exp["blocks"].as_array().unwrap();
+    assert_eq!(l.image.blocks().len(), blocks.len());
+    for (b, e) in l.image.blocks().iter().zip(blocks) {
+        assert_eq!(b.name(), e["name"].as_str().unwrap());
+        assert_eq!(b.len(), e["length"].as_u64().unwrap(), "{}", b.name());
+        assert_eq!(
+            sha256_hex(b.data()),
+            e["sha256"].as_str().unwrap(),
+            "{}",
+            b.name()
+        );
+    }
+    assert_eq!(
+        l.image.total_bytes(),
+        exp["mem_size_total"].as_u64().unwrap()
+    );
+    assert_eq!(
+        l.machine_type.as_deref(),
+        exp["machine_type_in_stream"].as_str()
+    );
+    assert_eq!(l.file_version, 3);
+}
+
+#[test]
+fn xbzrle_stream_matches_expected() {
+    let l = loaded("xbzrle");
+    check_blocks(l);
+    let e = &expected()["xbzrle_stream"];
+    let s = &l.stats;
+    assert_eq!(s.zero.count, e["records"]["zero"].as_u64().unwrap());
+    assert_eq!(s.page.count, e["records"]["page"].as_u64().unwrap());
+    assert_eq!(s.xbzrle.count, e["records"]["xbzrle"].as_u64().unwrap());
+    assert_eq!(
+        s.xbzrle_delta_bytes,
+        e["xbzrle_encoded_bytes_total"].as_u64().unwrap()
+    );
+    assert_eq!(
+        s.records_with_block_name,
+        e["records_with_block_name"].as_u64().unwrap()
+    );
+    assert_eq!(
+        s.records_with_continue,
+        e["records_with_continue"].as_u64().unwrap()
+    );
+    assert_eq!(s.eos.count, e["eos_markers"].as_u64().unwrap());
+    assert_eq!(s.mem_size.count, 1);
+    assert_eq!(
+        (s.ram_start, s.ram_part, s.ram_end),
+        (
+            e["ram_sections"]["START"].as_u64().unwrap(),
+            e["ram_sections"]["PART"].as_u64().unwrap(),
+            e["ram_sections"]["END"].as_u64().unwrap()
+        )
+    );
+    // Each record kind's bytes: header 8 + payload (+ names: 7 named records).
+    assert_eq!(s.zero.bytes, 9 * s.zero.count + named_bytes(l, "zero"));
+    assert_eq!(
+        s.xbzrle.bytes,
+        11 * s.xbzrle.count + s.xbzrle_delta_bytes + named_bytes(l, "xbzrle")
+    );
+    assert_eq!(s.bytes, e["ram_data_ends_at"].as_u64().unwrap());
+    match &l.stop {
+        StopReason::ForeignSection {
+            offset,
+            kind,
+            section_id,
+            name,
+            instance_id,
+            version_id,
+        } => {
+            assert_eq!(*offset, e["ram_data_ends_at"].as_u64().unwrap());
+            assert_eq!(*kind, SectionKind::Full);
+            assert_eq!(
+                (name.as_str(), *section_id, *instance_id, *version_id),
+                ("timer", 0, 0, 2)
+            );
+        }
+        other => panic!("unexpected stop {other:?}"),
+    }
+    assert!(l.device_states.is_empty());
+}
+
+/// Bytes of block names carried by records of `kind` (computed by a direct walk).
+fn named_bytes(l: &Loaded, kind: &str) -> u64 {
+    let bytes = if l.stats.xbzrle.count > 0 {
+        xbzrle_stream()
+    } else {
+        plain_stream()
+    };
+    let mut dec = Decoder::new(Limits::default());
+    let mut input = bytes;
+    let mut total = 0;
+    while let Ok(Some((item, n))) = dec.decode(input) {
+        input = &input[n..];
+        let (k, named, block) = match item {
+            Item::Ram(RamRecord::Zero { named, block, .. }) => ("zero", named, block),
+            Item::Ram(RamRecord::Page { named, block, .. }) => ("page", named, block),
+            Item::Ram(RamRecord::Xbzrle { named, block, .. }) => ("xbzrle", named, block),
+            Item::ForeignSection(_) => break,
+            _ => continue,
+        };
+        if k == kind && named {
+            total += 1 + dec.blocks()[block].name.len() as u64;
+        }
+    }
+    total
+}
+
+#[test]
+fn plain_stream_matches_expected() {
+    let l = loaded("plain");
+    check_blocks(l);
+    let e = &expected()["plain_stream"];
+    let s = &l.stats;
+    assert_eq!(s.zero.count, e["records"]["zero"].as_u64().unwrap());
+    assert_eq!(s.page.count, e["records"]["page"].as_u64().unwrap());
+    assert_eq!(s.xbzrle.count, 0);
+    assert_eq!(
+        s.records_with_block_name,
+        e["records_with_block_name"].as_u64().unwrap()
+    );
+    assert_eq!((s.ram_start, s.ram_part, s.ram_end), (1, 2, 1));
+    assert_eq!(s.bytes, e["ram_data_ends_at"].as_u64().unwrap());
+    assert_eq!(
+        s.page.bytes,
+        s.page.count * (8 + 4096) + named_bytes(l, "page")
+    );
+    assert!(matches!(&l.stop, StopReason::ForeignSection { name, .. } if name == "timer"));
+}
+
+#[test]
+fn xbzrle_ram_equals_plain_ram() {
+    let x = &loaded("xbzrle").image;
+    let p = &loaded("plain").image;
+    assert_eq!(x.blocks().len(), p.blocks().len());
+    for (a, b) in x.blocks().iter().zip(p.blocks()) {
+        assert_eq!(a.name(), b.name());
+        assert!(a.data() == b.data(), "block {} differs", a.name());
+    }
+}
+
+/// Re-encodes every RAM item of a QEMU stream with our [`Encoder`]; returns
+/// our bytes and the offset where QEMU's RAM data ended.
+fn rewrite(stream: &[u8]) -> (Vec<u8>, usize) {
+    let mut dec = Decoder::new(Limits::default());
+    let mut enc = Encoder::with_ram_section_id(2);
+    let mut out = Vec::with_capacity(stream.len());
+    let mut input = stream;
+    let mut in_start = false;
+    loop {
+        let pos = stream.len() - input.len();
+        let (item, n) = dec.decode(input).expect("decodes").expect("complete");
+        input = &input[n..];
+        match item {
+            Item::FileHeader { .. } | Item::Footer { .. } => {}
+            Item::Configuration(c) => enc.file_header(&mut out, c.machine_type).unwrap(),
+            Item::Section(h) => match h.kind {
+                SectionKind::Start => in_start = true,
+                SectionKind::Part => enc.begin_ram_iteration(&mut out).unwrap(),
+                SectionKind::End => enc.begin_ram_complete(&mut out).unwrap(),
+                SectionKind::Full => unreachable!(),
+            },
+            Item::Ram(RamRecord::MemSize { blocks, .. }) => {
+                enc.ram_setup(&mut out, &blocks).unwrap()
+            }
+            Item::Ram(RamRecord::Eos) if in_start => in_start = false,
+            Item::Ram(RamRecord::Eos) => enc.end_ram_section(&mut out).unwrap(),
+            Item::Ram(RamRecord::Zero { block, offset, .. }) => {
+                enc.zero_page(&mut out, block, offset).unwrap()
+            }
+            Item::Ram(RamRecord::Page {
+                block,
+                offset,
+                data,
+                ..
+            }) => enc.page(&mut out, block, offset, data).unwrap(),
+            Item::Ram(RamRecord::Xbzrle {
+                block,
+                offset,
+                delta,
+                ..
+            }) => enc.xbzrle_page(&mut out, block, offset, delta).unwrap(),
+            Item::ForeignSection(_) => return (out, pos),
+            other => panic!("unexpected item {other:?} at {pos}"),
+        }
+    }
+}
+
+#[test]
+fn rewriting_xbzrle_stream_is_byte_identical() {
+    let s = xbzrle_stream();
+    let (ours, end) = rewrite(s);
+    assert_eq!(end, 72143688);
+    assert_eq!(ours.len(), end);
+    let first_diff = ours.iter().zip(s).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "first differing byte");
+}
+
+#[test]
+fn rewriting_plain_stream_is_byte_identical() {
+    let s = plain_stream();
+    let (ours, end) = rewrite(s);
+    assert_eq!(end, 62147296);
+    assert!(ours[..] == s[..end], "rewritten plain stream differs");
+}
+
+#[test]
+fn tiny_cases_are_where_the_readme_says() {
+    let text = std::fs::read_to_string(vectors_dir().join("tiny-cases.json")).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let s = xbzrle_stream();
+    let blocks = [RamBlockInfo::new("pc.ram", 0x800_0000)];
+    for case in cases.as_array().unwrap() {
+        let hex = case["record_hex"].as_str().unwrap();
+        let rec: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let pos = case["stream_pos"].as_u64().unwrap() as usize;
+        assert_eq!(&s[pos..pos + rec.len()], &rec[..]);
+        // Our encoder, with pc.ram as the previous block, writes the same bytes.
+        let offset = u64::from_str_radix(
+            case["page_offset_in_block"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("0x"),
+            16,
+        )
+        .unwrap();
+        let delta: Vec<u8> = rec[11..].to_vec();
+        let mut enc = Encoder::new();
+        let mut out = Vec::new();
+        enc.file_header(&mut out, "m").unwrap();
+        enc.ram_setup(&mut out, &blocks).unwrap();
+        enc.begin_ram_iteration(&mut out).unwrap();
+        enc.zero_page(&mut out, 0, 0).unwrap();
+        let before = out.len();
+        enc.xbzrle_page(&mut out, 0, offset, &delta).unwrap();
+        assert_eq!(&out[before..], &rec[..]);
+    }
+}
