@@ -1,0 +1,455 @@
+//! The guest program: 32-bit protected-mode, flat segments, no paging,
+//! assembled at run time with iced-x86's code assembler.
+//!
+//! # Guest-physical layout
+//!
+//! | range | use |
+//! |---|---|
+//! | `0x0800..0x0818` | GDT: null, flat code (0x08), flat data (0x10) |
+//! | `0x1000..0x2000` | mailboxes, one 64-byte record per vCPU ([`mailbox`]) |
+//! | `0x10000..` | program code (one copy shared by every vCPU) |
+//! | `0x100000..end` | data: split into equal page-aligned regions, one per vCPU |
+//!
+//! Every vCPU starts at [`CODE_BASE`] with `EBX` = its mailbox address and
+//! works only on its own region, so vCPUs never share data.
+//!
+//! # What one round does (all stores are 32-bit)
+//!
+//! 1. **Counter sweep** (page-stride stores): for `K` pages, starting at
+//!    the sweep cursor and stepping `STRIDE` pages (wrapping), increment
+//!    word 0 of the page and decrement word 1023 (its last word).
+//! 2. **Cache-line rewrite**: one xorshift32-chosen page, one of its lines
+//!    1..=32, gets 16 new words; word 1023 absorbs the difference.
+//! 3. Every 16th round, a **whole-page rewrite** (1023 fresh words and a
+//!    balancing last word) or a **zeroing** (`rep stosd`) of a random page,
+//!    alternating.
+//! 4. **Verify one page** (rotating): the wrapping sum of its 1024 words
+//!    must be 0, else `FAIL = 1`, `FAILED_ADDR`, `FAIL_VALUE` are written.
+//! 5. Every `SCAN_INTERVAL` rounds (0 = never) a **full scan**: the sum of
+//!    word 0 over every page of the region must equal `TOTAL`, else
+//!    `FAIL = 2`; on success `SCANS` is incremented.
+//! 6. `PROGRESS += 1`, then `out 0x80, eax` with `EAX` = pages dirtied this
+//!    round, which hands control to the host for dirty-rate pacing and
+//!    throttling.
+//!
+//! Invariants the program keeps (and [`check_region`] verifies from the
+//! host): every data page's 1024 words sum to 0 (mod 2^32), and the sum of
+//! the regions' words 0 equals the mailbox's `TOTAL`. A page lost or torn by
+//! a migration breaks one of them.
+
+use iced_x86::code_asm::*;
+
+use super::KvmError;
+use super::ram::{GuestRam, PAGE_SIZE};
+
+/// Guest-physical address of the GDT.
+pub const GDT_BASE: u64 = 0x800;
+/// Guest-physical address of the first mailbox.
+pub const MAILBOX_BASE: u64 = 0x1000;
+/// Bytes per mailbox record.
+pub const MAILBOX_STRIDE: u64 = 64;
+/// Most vCPUs the layout supports (one mailbox page).
+pub const MAX_VCPUS: usize = 64;
+/// Guest-physical address of the program's first instruction.
+pub const CODE_BASE: u64 = 0x10000;
+/// Guest-physical address of the first data page.
+pub const DATA_BASE: u64 = 0x100000;
+/// I/O port the program writes at the end of each round.
+pub const PACING_PORT: u16 = 0x80;
+/// Smallest data region per vCPU (pages).
+pub const MIN_REGION_PAGES: u64 = 64;
+
+/// Byte offsets of the `u32` fields of a vCPU's mailbox record.
+pub mod mailbox {
+    /// Rounds completed (the progress counter).
+    pub const PROGRESS: u64 = 0;
+    /// 0 while every check passed; 1 = a page's sum was not 0; 2 = the sum
+    /// of words 0 did not equal `TOTAL`. Sticky.
+    pub const FAIL: u64 = 4;
+    /// Expected sum of word 0 over the region.
+    pub const TOTAL: u64 = 8;
+    /// xorshift32 state (never 0).
+    pub const RNG: u64 = 12;
+    /// Guest-physical address of the region's first page.
+    pub const BASE: u64 = 16;
+    /// Region length in pages.
+    pub const PAGES: u64 = 20;
+    /// Next page index of the counter sweep.
+    pub const SWEEP: u64 = 24;
+    /// Next page index to verify.
+    pub const VERIFY: u64 = 28;
+    /// Full scans completed without a mismatch.
+    pub const SCANS: u64 = 32;
+    /// Address of the page (FAIL = 1) that failed its check.
+    pub const FAILED_ADDR: u64 = 36;
+    /// Pages incremented per round by the counter sweep (`K`).
+    pub const SWEEP_PAGES: u64 = 40;
+    /// Sweep stride in pages.
+    pub const STRIDE: u64 = 44;
+    /// Rounds between full scans (0 = never).
+    pub const SCAN_INTERVAL: u64 = 48;
+    /// Rounds left before the next full scan.
+    pub const SCAN_COUNTDOWN: u64 = 52;
+    /// The sum that was found when a check failed.
+    pub const FAIL_VALUE: u64 = 56;
+}
+
+/// How the guest program dirties memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workload {
+    /// Pages incremented per round by the counter sweep (1..=4096).
+    pub sweep_pages: u32,
+    /// Sweep stride in pages (≥ 1).
+    pub stride: u32,
+    /// Rounds between full scans of the region (0 = never).
+    pub scan_interval: u32,
+    /// Seed of the guest's xorshift32 generator (and sweep start).
+    pub seed: u64,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self {
+            sweep_pages: 32,
+            stride: 7,
+            scan_interval: 256,
+            seed: 0x5eed,
+        }
+    }
+}
+
+/// A vCPU's mailbox as read by the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestStatus {
+    /// Rounds completed.
+    pub progress: u32,
+    /// Failure code (0 = none; see [`mailbox::FAIL`]).
+    pub fail: u32,
+    /// Full scans that passed.
+    pub scans: u32,
+    /// Failing page address when `fail == 1`.
+    pub failed_addr: u32,
+    /// Sum found by the failing check.
+    pub fail_value: u32,
+}
+
+/// Mailbox address of vCPU `index`.
+pub fn mailbox_addr(index: usize) -> u64 {
+    MAILBOX_BASE + index as u64 * MAILBOX_STRIDE
+}
+
+/// Data region `(first page address, pages)` of vCPU `index` of `vcpus` in
+/// RAM of `ram_size` bytes.
+pub fn region(ram_size: u64, vcpus: usize, index: usize) -> (u64, u64) {
+    let pages = (ram_size.saturating_sub(DATA_BASE) / PAGE_SIZE as u64) / vcpus.max(1) as u64;
+    (DATA_BASE + index as u64 * pages * PAGE_SIZE as u64, pages)
+}
+
+/// Checks that `vcpus` regions fit in `ram_size` bytes.
+pub fn check_layout(ram_size: u64, vcpus: usize) -> Result<(), KvmError> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(KvmError::Config(format!(
+            "{vcpus} vCPUs; 1..={MAX_VCPUS} supported"
+        )));
+    }
+    if ram_size > 0xC000_0000 {
+        return Err(KvmError::Config(format!(
+            "guest RAM of {ram_size} bytes; the 32-bit guest program addresses at most 3 GiB"
+        )));
+    }
+    let (_, pages) = region(ram_size, vcpus, 0);
+    if pages < MIN_REGION_PAGES {
+        return Err(KvmError::Config(format!(
+            "guest RAM of {ram_size} bytes leaves {pages} data pages per vCPU; \
+             at least {MIN_REGION_PAGES} needed"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes the GDT and vCPU `index`'s mailbox with `workload`'s parameters.
+/// The data region must be zero (fresh RAM is), which satisfies both
+/// invariants with `TOTAL = 0`.
+pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(), KvmError> {
+    check_layout(ram.size(), vcpus)?;
+    if workload.sweep_pages == 0 || workload.sweep_pages > 4096 || workload.stride == 0 {
+        return Err(KvmError::Config(format!(
+            "workload {workload:?}: sweep_pages must be 1..=4096 and stride ≥ 1"
+        )));
+    }
+    let gdt: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+    for (i, d) in gdt.iter().enumerate() {
+        ram.write(GDT_BASE + 8 * i as u64, &d.to_le_bytes())?;
+    }
+    for index in 0..vcpus {
+        let (base, pages) = region(ram.size(), vcpus, index);
+        let stride = (u64::from(workload.stride) % pages).max(1);
+        let mut rng = splitmix(workload.seed ^ (index as u64).wrapping_mul(0x9e37_79b9));
+        let mb = mailbox_addr(index);
+        let mut rng32 = (rng >> 32) as u32;
+        if rng32 == 0 {
+            rng32 = 0x1234_5678;
+        }
+        rng = splitmix(rng);
+        let fields = [
+            (mailbox::PROGRESS, 0),
+            (mailbox::FAIL, 0),
+            (mailbox::TOTAL, 0),
+            (mailbox::RNG, rng32),
+            (mailbox::BASE, base as u32),
+            (mailbox::PAGES, pages as u32),
+            (mailbox::SWEEP, (rng % pages) as u32),
+            (mailbox::VERIFY, 0),
+            (mailbox::SCANS, 0),
+            (mailbox::FAILED_ADDR, 0),
+            (mailbox::SWEEP_PAGES, workload.sweep_pages),
+            (mailbox::STRIDE, stride as u32),
+            (mailbox::SCAN_INTERVAL, workload.scan_interval),
+            (mailbox::SCAN_COUNTDOWN, workload.scan_interval.max(1)),
+            (mailbox::FAIL_VALUE, 0),
+        ];
+        for (off, v) in fields {
+            ram.write_u32(mb + off, v)?;
+        }
+    }
+    let code = assemble()?;
+    ram.write(CODE_BASE, &code)
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Reads vCPU `index`'s mailbox.
+pub fn status(ram: &GuestRam, index: usize) -> Result<GuestStatus, KvmError> {
+    let mb = mailbox_addr(index);
+    Ok(GuestStatus {
+        progress: ram.read_u32(mb + mailbox::PROGRESS)?,
+        fail: ram.read_u32(mb + mailbox::FAIL)?,
+        scans: ram.read_u32(mb + mailbox::SCANS)?,
+        failed_addr: ram.read_u32(mb + mailbox::FAILED_ADDR)?,
+        fail_value: ram.read_u32(mb + mailbox::FAIL_VALUE)?,
+    })
+}
+
+/// Host-side check of vCPU `index`'s region (call with the vCPUs stopped):
+/// every page sums to 0 and the words 0 sum to the mailbox's `TOTAL`.
+/// Returns a description of the first violation, or `None`.
+pub fn check_region(
+    ram: &GuestRam,
+    vcpus: usize,
+    index: usize,
+) -> Result<Option<String>, KvmError> {
+    let (base, pages) = region(ram.size(), vcpus, index);
+    let total = ram.read_u32(mailbox_addr(index) + mailbox::TOTAL)?;
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut words0 = 0u32;
+    for p in 0..pages {
+        let addr = base + p * PAGE_SIZE as u64;
+        ram.read(addr, &mut page)?;
+        let mut sum = 0u32;
+        for w in page.chunks_exact(4) {
+            sum = sum.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+        }
+        if sum != 0 {
+            return Ok(Some(format!(
+                "page {addr:#x} of vCPU {index} sums to {sum:#x}, not 0"
+            )));
+        }
+        words0 = words0.wrapping_add(u32::from_le_bytes([page[0], page[1], page[2], page[3]]));
+    }
+    if words0 != total {
+        return Ok(Some(format!(
+            "vCPU {index}: words 0 sum to {words0:#x}, mailbox TOTAL is {total:#x}"
+        )));
+    }
+    Ok(None)
+}
+
+/// Assembles the program for address [`CODE_BASE`] (see the module docs).
+pub fn assemble() -> Result<Vec<u8>, KvmError> {
+    build().map_err(KvmError::Assemble)
+}
+
+fn mb(off: u64) -> AsmMemoryOperand {
+    dword_ptr(ebx + off as i32)
+}
+
+/// xorshift32 step on `[ebx+RNG]`; leaves the new value in EAX. Clobbers EDX.
+fn rng_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(eax, mb(mailbox::RNG))?;
+    a.mov(edx, eax)?;
+    a.shl(edx, 13)?;
+    a.xor(eax, edx)?;
+    a.mov(edx, eax)?;
+    a.shr(edx, 17)?;
+    a.xor(eax, edx)?;
+    a.mov(edx, eax)?;
+    a.shl(edx, 5)?;
+    a.xor(eax, edx)?;
+    a.mov(mb(mailbox::RNG), eax)?;
+    Ok(())
+}
+
+/// EDI = address of page number `(EAX × PAGES) >> 32`; keeps EAX in ESI.
+fn random_page(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(esi, eax)?;
+    a.mul(mb(mailbox::PAGES))?;
+    a.mov(edi, edx)?;
+    a.shl(edi, 12)?;
+    a.add(edi, ebp)?;
+    Ok(())
+}
+
+fn build() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(32)?;
+    let mut round = a.create_label();
+    let mut sweep = a.create_label();
+    let mut nowrap = a.create_label();
+    let mut skip_c = a.create_label();
+    let mut zero_page = a.create_label();
+    let mut rewrite = a.create_label();
+    let mut vloop = a.create_label();
+    let mut vok = a.create_label();
+    let mut vnowrap = a.create_label();
+    let mut noscan = a.create_label();
+    let mut sloop = a.create_label();
+    let mut sok = a.create_label();
+
+    a.cld()?;
+    a.mov(ebp, mb(mailbox::BASE))?;
+    a.set_label(&mut round)?;
+
+    // 1. Counter sweep.
+    a.mov(ecx, mb(mailbox::SWEEP_PAGES))?;
+    a.mov(eax, mb(mailbox::SWEEP))?;
+    a.set_label(&mut sweep)?;
+    a.mov(edi, eax)?;
+    a.shl(edi, 12)?;
+    a.add(edi, ebp)?;
+    a.inc(dword_ptr(edi))?;
+    a.dec(dword_ptr(edi + 4092))?;
+    a.inc(mb(mailbox::TOTAL))?;
+    a.add(eax, mb(mailbox::STRIDE))?;
+    a.cmp(eax, mb(mailbox::PAGES))?;
+    a.jb(nowrap)?;
+    a.sub(eax, mb(mailbox::PAGES))?;
+    a.set_label(&mut nowrap)?;
+    a.dec(ecx)?;
+    a.jnz(sweep)?;
+    a.mov(mb(mailbox::SWEEP), eax)?;
+
+    // 2. Cache-line rewrite of a random page, line 1..=32.
+    rng_step(&mut a)?;
+    random_page(&mut a)?;
+    a.mov(eax, esi)?;
+    a.shr(eax, 8)?;
+    a.and(eax, 31)?;
+    a.inc(eax)?;
+    a.shl(eax, 6)?;
+    a.lea(ecx, dword_ptr(edi + eax))?;
+    a.xor(edx, edx)?;
+    for k in 0..16i32 {
+        a.sub(edx, dword_ptr(ecx + 4 * k))?;
+        a.mov(dword_ptr(ecx + 4 * k), esi)?;
+        a.add(edx, esi)?;
+        a.inc(esi)?;
+    }
+    a.sub(dword_ptr(edi + 4092), edx)?;
+
+    // 3. Every 16th round: whole-page rewrite or zeroing, alternating.
+    a.test(mb(mailbox::PROGRESS), 15)?;
+    a.jnz(skip_c)?;
+    rng_step(&mut a)?;
+    random_page(&mut a)?;
+    a.mov(edx, dword_ptr(edi))?;
+    a.sub(mb(mailbox::TOTAL), edx)?;
+    a.test(mb(mailbox::PROGRESS), 16)?;
+    a.jnz(zero_page)?;
+    // Rewrite: words 0..1022 = v, v + c, v + 2c, ...; word 1023 balances.
+    a.mov(eax, esi)?;
+    a.add(mb(mailbox::TOTAL), eax)?;
+    a.xor(edx, edx)?;
+    a.mov(ecx, 33)?;
+    a.set_label(&mut rewrite)?;
+    for k in 0..31i32 {
+        a.mov(dword_ptr(edi + 4 * k), eax)?;
+        a.add(edx, eax)?;
+        a.add(eax, 0x0100_0193)?;
+    }
+    a.add(edi, 124)?;
+    a.dec(ecx)?;
+    a.jnz(rewrite)?;
+    a.neg(edx)?;
+    a.mov(dword_ptr(edi), edx)?;
+    a.jmp(skip_c)?;
+    a.set_label(&mut zero_page)?;
+    a.xor(eax, eax)?;
+    a.mov(ecx, 1024)?;
+    a.rep().stosd()?;
+    a.set_label(&mut skip_c)?;
+
+    // 4. Verify one page.
+    a.mov(eax, mb(mailbox::VERIFY))?;
+    a.mov(edi, eax)?;
+    a.shl(edi, 12)?;
+    a.add(edi, ebp)?;
+    a.inc(eax)?;
+    a.cmp(eax, mb(mailbox::PAGES))?;
+    a.jb(vnowrap)?;
+    a.xor(eax, eax)?;
+    a.set_label(&mut vnowrap)?;
+    a.mov(mb(mailbox::VERIFY), eax)?;
+    a.xor(edx, edx)?;
+    a.mov(ecx, 64)?;
+    a.set_label(&mut vloop)?;
+    for k in 0..16i32 {
+        a.add(edx, dword_ptr(edi + 4 * k))?;
+    }
+    a.add(edi, 64)?;
+    a.dec(ecx)?;
+    a.jnz(vloop)?;
+    a.test(edx, edx)?;
+    a.jz(vok)?;
+    a.mov(mb(mailbox::FAIL), 1)?;
+    a.sub(edi, 4096)?;
+    a.mov(mb(mailbox::FAILED_ADDR), edi)?;
+    a.mov(mb(mailbox::FAIL_VALUE), edx)?;
+    a.set_label(&mut vok)?;
+
+    // 5. Full scan every SCAN_INTERVAL rounds.
+    a.mov(eax, mb(mailbox::SCAN_INTERVAL))?;
+    a.test(eax, eax)?;
+    a.jz(noscan)?;
+    a.dec(mb(mailbox::SCAN_COUNTDOWN))?;
+    a.jnz(noscan)?;
+    a.mov(mb(mailbox::SCAN_COUNTDOWN), eax)?;
+    a.mov(ecx, mb(mailbox::PAGES))?;
+    a.mov(edi, ebp)?;
+    a.xor(edx, edx)?;
+    a.set_label(&mut sloop)?;
+    a.add(edx, dword_ptr(edi))?;
+    a.add(edi, 4096)?;
+    a.dec(ecx)?;
+    a.jnz(sloop)?;
+    a.cmp(edx, mb(mailbox::TOTAL))?;
+    a.je(sok)?;
+    a.mov(mb(mailbox::FAIL), 2)?;
+    a.mov(mb(mailbox::FAIL_VALUE), edx)?;
+    a.jmp(noscan)?;
+    a.set_label(&mut sok)?;
+    a.inc(mb(mailbox::SCANS))?;
+    a.set_label(&mut noscan)?;
+
+    // 6. Progress, then hand the round's page count to the host.
+    a.inc(mb(mailbox::PROGRESS))?;
+    a.mov(eax, mb(mailbox::SWEEP_PAGES))?;
+    a.add(eax, 2)?;
+    a.out(i32::from(PACING_PORT), eax)?;
+    a.jmp(round)?;
+
+    a.assemble(CODE_BASE)
+}

@@ -1,0 +1,166 @@
+//! The KVM guest on its own: the program runs and keeps its invariants,
+//! stop/resume, throttle, state save/restore, and an exact dirty log.
+#![cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+
+mod kvm_common;
+
+use std::time::{Duration, Instant};
+
+use precopy_engine::kvm::{KvmConfig, KvmVm, PAGE_SIZE, state};
+
+fn small(mem_mib: u64, vcpus: usize) -> KvmConfig {
+    KvmConfig {
+        mem_size: mem_mib << 20,
+        vcpus,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn guest_runs_and_self_checks() {
+    if !kvm_common::kvm_available("guest_runs_and_self_checks") {
+        return;
+    }
+    let vm = KvmVm::new(&small(16, 2)).unwrap();
+    assert_eq!(vm.progress().unwrap(), 0);
+    vm.resume().unwrap();
+    // Wait (up to 20 s on a slow nested host) for every vCPU's first full scan.
+    let t0 = Instant::now();
+    while vm.guest_status().unwrap().iter().any(|s| s.scans == 0)
+        && t0.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm.stop().unwrap();
+    let st = vm.guest_status().unwrap();
+    eprintln!("status after {:?}: {st:?}", t0.elapsed());
+    for s in &st {
+        assert!(s.progress > 0, "every vCPU made progress: {st:?}");
+        assert!(s.scans > 0, "every vCPU completed a full scan: {st:?}");
+    }
+    assert_eq!(vm.self_check().unwrap(), None);
+    // Stopped means stopped: progress does not move.
+    let p = vm.progress().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(vm.progress().unwrap(), p);
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(vm.progress().unwrap() > p);
+}
+
+#[test]
+fn dirty_log_is_exact() {
+    if !kvm_common::kvm_available("dirty_log_is_exact") {
+        return;
+    }
+    let vm = KvmVm::new(&small(32, 1)).unwrap();
+    let words = vm.ram().bitmap_words();
+    let size = vm.ram().size() as usize;
+    let mut bitmap = vec![0u64; words];
+    vm.sync_dirty_log(&mut bitmap).unwrap();
+    let mut before = vec![0u8; size];
+    for round in 0..4 {
+        vm.ram().read(0, &mut before).unwrap();
+        bitmap.fill(0);
+        vm.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        vm.stop().unwrap();
+        let t = vm.sync_dirty_log(&mut bitmap).unwrap();
+        let mut after = vec![0u8; size];
+        vm.ram().read(0, &mut after).unwrap();
+        let mut changed = 0;
+        for p in 0..size / PAGE_SIZE {
+            let r = p * PAGE_SIZE..(p + 1) * PAGE_SIZE;
+            if before[r.clone()] != after[r] {
+                changed += 1;
+                assert!(
+                    bitmap[p / 64] >> (p % 64) & 1 == 1,
+                    "round {round}: page {p} changed but the dirty log missed it"
+                );
+            }
+        }
+        assert!(
+            changed > 10,
+            "round {round}: the guest wrote {changed} pages"
+        );
+        eprintln!(
+            "round {round}: {changed} pages changed, {} reported, sync {:?}",
+            t.dirty_pages, t.elapsed
+        );
+        // A second sync right away reports nothing: the log was cleared.
+        let mut again = vec![0u64; words];
+        vm.sync_dirty_log(&mut again).unwrap();
+        assert!(again.iter().all(|w| *w == 0), "log cleared by the sync");
+    }
+}
+
+#[test]
+fn throttle_slows_the_guest() {
+    if !kvm_common::kvm_available("throttle_slows_the_guest") {
+        return;
+    }
+    let vm = KvmVm::new(&small(16, 1)).unwrap();
+    let rate = |vm: &KvmVm| {
+        let p0 = vm.progress().unwrap();
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(800));
+        (vm.progress().unwrap() - p0) as f64 / t0.elapsed().as_secs_f64()
+    };
+    vm.resume().unwrap();
+    let free = rate(&vm);
+    vm.set_throttle(75);
+    let throttled = rate(&vm);
+    vm.set_throttle(0);
+    let again = rate(&vm);
+    eprintln!("rounds/s: free {free:.0}, 75% throttle {throttled:.0}, free again {again:.0}");
+    assert!(
+        throttled < free * 0.5,
+        "throttle 75 % must at least halve the rate"
+    );
+    assert!(
+        again > throttled * 1.5,
+        "the rate recovers when the throttle is lifted"
+    );
+}
+
+#[test]
+fn state_roundtrip_resumes_on_a_new_vm() {
+    if !kvm_common::kvm_available("state_roundtrip_resumes_on_a_new_vm") {
+        return;
+    }
+    let vm = KvmVm::new(&small(8, 2)).unwrap();
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    vm.stop().unwrap();
+    let state = vm.save_state().unwrap();
+    let before = vm.progress().unwrap();
+    // Copy RAM to a fresh VM and resume it there.
+    let dst = KvmVm::new_incoming(vm.ram().size(), 2).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..vm.ram().size()).step_by(buf.len()) {
+        vm.ram().read(off, &mut buf).unwrap();
+        dst.ram().write(off, &buf).unwrap();
+    }
+    dst.restore_state(&state).unwrap();
+    // Everything reads back identically but the TSC, which kept counting.
+    let strip = |b: &[u8]| {
+        let mut v = state::decode(b).unwrap();
+        for s in &mut v {
+            s.msrs.retain(|m| m.0 != 0x10);
+        }
+        v
+    };
+    assert_eq!(strip(&dst.save_state().unwrap()), strip(&state));
+    dst.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    dst.stop().unwrap();
+    assert!(dst.progress().unwrap() > before);
+    assert_eq!(dst.self_check().unwrap(), None);
+    // Malformed states are typed errors, never panics.
+    for cut in [0, 7, 12, 16, state.len() - 1] {
+        assert!(dst.restore_state(&state[..cut]).is_err());
+    }
+    let mut bad = state.clone();
+    bad[0] ^= 1;
+    assert!(dst.restore_state(&bad).is_err());
+}
