@@ -15,7 +15,8 @@
 //!   the way QEMU's `softmmu/cpu-throttle.c` does ([`vcpu`]);
 //! - vCPU state (regs, sregs, FPU, events, MSRs) saved to and restored
 //!   from bytes ([`state`]) so it can travel in a device section of the
-//!   migration stream.
+//!   migration stream;
+//! - the engine's guest traits ([`guest`]): one RAM block `pc.ram`.
 //!
 //! ```no_run
 //! use precopy_engine::kvm::{KvmConfig, KvmVm};
@@ -27,6 +28,7 @@
 //! # Ok::<(), precopy_engine::kvm::KvmError>(())
 //! ```
 
+pub mod guest;
 pub mod program;
 pub mod ram;
 pub mod state;
@@ -38,6 +40,7 @@ use std::time::Duration;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 
+pub use guest::RAM_BLOCK_NAME;
 pub use program::{GuestStatus, Workload};
 pub use ram::{GuestRam, PAGE_SIZE, SyncTiming};
 pub use state::VcpuState;

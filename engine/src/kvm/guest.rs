@@ -1,0 +1,121 @@
+//! The engine's guest traits ([`crate::traits`]) for a [`KvmVm`].
+//!
+//! The VM's RAM is one RAM block, [`RAM_BLOCK_NAME`] (QEMU's name for a PC's
+//! main RAM), whatever number of KVM slots back it. One
+//! [`DirtyLog::fetch_and_clear`] of that block is one bitmap sync over every
+//! slot.
+
+use xbzrle::Page;
+
+use super::{KvmError, KvmVm, PAGE_SIZE};
+use crate::traits::{
+    DirtyLog, GuestError, GuestRam, GuestRamWrite, RamBlockInfo, Throttle, VcpuControl,
+};
+
+/// Name of the VM's single RAM block.
+pub const RAM_BLOCK_NAME: &str = "pc.ram";
+
+impl From<KvmError> for GuestError {
+    fn from(e: KvmError) -> Self {
+        GuestError::Other(e.to_string())
+    }
+}
+
+impl KvmVm {
+    fn check_page(&self, block: usize, page: u64) -> Result<(), GuestError> {
+        if block != 0 {
+            return Err(GuestError::NoSuchBlock { block });
+        }
+        let pages = self.ram().pages();
+        if page >= pages {
+            return Err(GuestError::PageOutOfRange { block, page, pages });
+        }
+        Ok(())
+    }
+}
+
+impl GuestRam for KvmVm {
+    fn blocks(&self) -> Vec<RamBlockInfo> {
+        vec![RamBlockInfo {
+            name: RAM_BLOCK_NAME.to_owned(),
+            used_length: self.ram().size(),
+        }]
+    }
+
+    fn read_page(&self, block: usize, page: u64, out: &mut Page) -> Result<(), GuestError> {
+        self.check_page(block, page)?;
+        self.ram().read(page * PAGE_SIZE as u64, out)?;
+        Ok(())
+    }
+}
+
+impl DirtyLog for KvmVm {
+    /// Slots log from creation on; starting discards what was logged so far.
+    fn log_start(&self) -> Result<(), GuestError> {
+        let mut scratch = vec![0u64; self.ram().bitmap_words()];
+        self.sync_dirty_log(&mut scratch)?;
+        Ok(())
+    }
+
+    fn fetch_and_clear(&self, block: usize, bitmap: &mut [u64]) -> Result<(), GuestError> {
+        if block != 0 {
+            return Err(GuestError::NoSuchBlock { block });
+        }
+        let expected = self.ram().bitmap_words();
+        if bitmap.len() != expected {
+            return Err(GuestError::BitmapSize {
+                block,
+                got: bitmap.len(),
+                expected,
+            });
+        }
+        self.sync_dirty_log(bitmap)?;
+        Ok(())
+    }
+
+    /// The slots keep logging (cheap while nobody syncs); nothing to do.
+    fn log_stop(&self) -> Result<(), GuestError> {
+        Ok(())
+    }
+}
+
+impl VcpuControl for KvmVm {
+    fn stop(&self) -> Result<(), GuestError> {
+        KvmVm::stop(self)?;
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), GuestError> {
+        KvmVm::resume(self)?;
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        !self.vcpus().is_stopped()
+    }
+}
+
+impl Throttle for KvmVm {
+    fn set_throttle(&self, percent: u8) -> Result<(), GuestError> {
+        KvmVm::set_throttle(self, u32::from(percent.min(99)));
+        Ok(())
+    }
+
+    fn throttle(&self) -> u8 {
+        self.vcpus().throttle().min(99) as u8
+    }
+}
+
+/// Destination side: received pages go straight into the VM's RAM.
+impl GuestRamWrite for &KvmVm {
+    fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), GuestError> {
+        if name != RAM_BLOCK_NAME {
+            return Err(GuestError::Other(format!(
+                "RAM block {name:?} is not this VM's {RAM_BLOCK_NAME:?}"
+            )));
+        }
+        self.check_page(0, page)?;
+        self.ram().write(page * PAGE_SIZE as u64, data)?;
+        Ok(())
+    }
+}
