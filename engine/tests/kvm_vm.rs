@@ -53,7 +53,14 @@ fn dirty_log_is_exact() {
     if !kvm_common::kvm_available("dirty_log_is_exact") {
         return;
     }
-    let vm = KvmVm::new(&small(32, 1)).unwrap();
+    // Four 8 MiB slots, so the bitmap is stitched from several slot logs.
+    let vm = KvmVm::new(&KvmConfig {
+        slot_size: 8 << 20,
+        ..small(32, 1)
+    })
+    .unwrap();
+    assert_eq!(vm.ram().slot_count(), 4);
+    eprintln!("manual dirty-log protect: {}", vm.ram().manual_protect());
     let words = vm.ram().bitmap_words();
     let size = vm.ram().size() as usize;
     let mut bitmap = vec![0u64; words];
@@ -163,4 +170,30 @@ fn state_roundtrip_resumes_on_a_new_vm() {
     let mut bad = state.clone();
     bad[0] ^= 1;
     assert!(dst.restore_state(&bad).is_err());
+}
+
+#[test]
+fn bad_configurations_are_typed_errors() {
+    if !kvm_common::kvm_available("bad_configurations_are_typed_errors") {
+        return;
+    }
+    for cfg in [
+        small(1, 1),
+        small(16, 0),
+        small(16, 65),
+        KvmConfig {
+            mem_size: (16 << 20) + 1,
+            ..small(16, 1)
+        },
+        KvmConfig {
+            slot_size: 4096,
+            ..small(16, 1)
+        },
+    ] {
+        let e = KvmVm::new(&cfg).unwrap_err();
+        assert!(
+            matches!(e, precopy_engine::kvm::KvmError::Config(_)),
+            "{cfg:?}: {e}"
+        );
+    }
 }

@@ -106,6 +106,9 @@ pub struct KvmConfig {
     pub dirty_rate: u64,
     /// The guest program's memory patterns.
     pub workload: Workload,
+    /// Largest KVM memory slot in bytes (multiple of 256 KiB); RAM is split
+    /// into slots of this size. Default [`ram::MAX_SLOT_SIZE`] (1 GiB).
+    pub slot_size: u64,
 }
 
 impl Default for KvmConfig {
@@ -115,6 +118,7 @@ impl Default for KvmConfig {
             vcpus: 1,
             dirty_rate: 0,
             workload: Workload::default(),
+            slot_size: ram::MAX_SLOT_SIZE,
         }
     }
 }
@@ -182,7 +186,7 @@ impl KvmVm {
     /// [`KvmError::Ioctl`], [`KvmError::Memory`], [`KvmError::Vcpu`].
     pub fn new(config: &KvmConfig) -> Result<Self, KvmError> {
         program::check_layout(config.mem_size, config.vcpus)?;
-        let vm = Self::create(config.mem_size, config.vcpus)?;
+        let vm = Self::create(config.mem_size, config.vcpus, config.slot_size)?;
         program::init_guest(&vm.ram, config.vcpus, &config.workload)?;
         for i in 0..config.vcpus {
             vm.vcpus.with_fd(i, |fd| {
@@ -200,10 +204,10 @@ impl KvmVm {
     /// Errors: as [`KvmVm::new`].
     pub fn new_incoming(mem_size: u64, vcpus: usize) -> Result<Self, KvmError> {
         program::check_layout(mem_size, vcpus)?;
-        Self::create(mem_size, vcpus)
+        Self::create(mem_size, vcpus, ram::MAX_SLOT_SIZE)
     }
 
-    fn create(mem_size: u64, vcpus: usize) -> Result<Self, KvmError> {
+    fn create(mem_size: u64, vcpus: usize, slot_size: u64) -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(format!("open: {e}")))?;
         let vm = kvm
             .create_vm()
@@ -213,7 +217,7 @@ impl KvmVm {
                 op: "KVM_SET_TSS_ADDR",
                 source,
             })?;
-        let ram = GuestRam::new(&vm, mem_size)?;
+        let ram = GuestRam::new(&vm, mem_size, slot_size)?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| KvmError::Ioctl {

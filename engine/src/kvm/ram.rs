@@ -21,9 +21,9 @@ use super::KvmError;
 /// Guest page size used for the dirty log and for page copies (bytes).
 pub const PAGE_SIZE: usize = 4096;
 
-/// Largest KVM memory slot we create (bytes). Larger RAM is split into
-/// several slots; every slot but the last has this size, which is a multiple
-/// of 64 pages so the per-slot bitmaps concatenate on `u64` boundaries.
+/// Default largest KVM memory slot (bytes). Larger RAM is split into
+/// several slots; every slot but the last has the slot size, a multiple of
+/// 64 pages so the per-slot bitmaps concatenate on `u64` boundaries.
 pub const MAX_SLOT_SIZE: u64 = 1 << 30;
 
 /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` (linux/kvm.h): with it,
@@ -92,13 +92,20 @@ pub struct GuestRam {
 
 impl GuestRam {
     /// Allocates `size` bytes (a positive multiple of [`PAGE_SIZE`]) and
-    /// registers them with `vm` as slots 0.. with `KVM_MEM_LOG_DIRTY_PAGES`.
+    /// registers them with `vm` as slots 0.. of at most `slot_size` bytes
+    /// (a positive multiple of 64 pages) with `KVM_MEM_LOG_DIRTY_PAGES`.
     /// Enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` first when the kernel
     /// offers it (see [`GuestRam::manual_protect`]).
     ///
     /// Errors: [`KvmError::Config`] for a bad size, [`KvmError::Memory`]
     /// when the mmap fails, [`KvmError::Ioctl`] when KVM refuses a slot.
-    pub fn new(vm: &VmFd, size: u64) -> Result<Self, KvmError> {
+    pub fn new(vm: &VmFd, size: u64, slot_size: u64) -> Result<Self, KvmError> {
+        if slot_size == 0 || !slot_size.is_multiple_of(64 * PAGE_SIZE as u64) {
+            return Err(KvmError::Config(format!(
+                "slot size {slot_size} is not a positive multiple of {} (64 pages)",
+                64 * PAGE_SIZE
+            )));
+        }
         if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
             return Err(KvmError::Config(format!(
                 "guest RAM size {size} is not a positive multiple of {PAGE_SIZE}"
@@ -126,7 +133,7 @@ impl GuestRam {
         let mut slots = Vec::new();
         let mut gpa = 0u64;
         while gpa < size {
-            let len = (size - gpa).min(MAX_SLOT_SIZE);
+            let len = (size - gpa).min(slot_size);
             slots.push(Slot {
                 id: u32::try_from(slots.len()).unwrap_or(u32::MAX),
                 gpa,
