@@ -5,19 +5,23 @@
 //! The VMM boundary is in [`traits`]: implement [`GuestRam`], [`DirtyLog`],
 //! [`VcpuControl`] and [`Throttle`] for your guest.
 
+pub mod destination;
 pub mod info;
+pub mod migration;
 pub mod params;
 pub mod policy;
 pub mod sim;
 pub mod traits;
 pub mod transport;
 
+pub use destination::{Destination, IncomingError, Received};
 pub use info::{MigrationInfo, MigrationStatus, RamStats, XbzrleCacheStats};
+pub use migration::{BlockerId, MigrateError, MigrationSink, Migrator, StateChange};
 pub use params::{Capabilities, MigrationParameters, ParameterError, ParameterUpdate};
 pub use sim::{SimConfig, SimGuest, Workload};
 pub use traits::{
-    DirtyLog, Guest, GuestError, GuestRam, GuestRamWrite, RamBlockInfo, SharedGuest, Throttle,
-    VcpuControl,
+    DeviceStateEntry, DirtyLog, Guest, GuestError, GuestRam, GuestRamWrite, RamBlockInfo,
+    SharedGuest, Throttle, VcpuControl,
 };
 pub use transport::{IncomingListener, MigrationUri, Outgoing, TransportError};
 

@@ -77,6 +77,9 @@ pub enum GuestError {
     Other(String),
 }
 
+/// One device section for the stream: `(id string, instance id, version id, payload)`.
+pub type DeviceStateEntry = (String, u32, u32, Vec<u8>);
+
 /// Guest RAM: the list of RAM blocks and page copy-out.
 ///
 /// Contract:
@@ -95,6 +98,15 @@ pub trait GuestRam: Send + Sync {
     ///
     /// Errors: [`GuestError::NoSuchBlock`], [`GuestError::PageOutOfRange`], or a VMM error.
     fn read_page(&self, block: usize, page: u64, out: &mut Page) -> Result<(), GuestError>;
+
+    /// Device state to send after the final RAM pass, while the vCPUs are stopped: each
+    /// entry is `(id string, instance id, version id, payload)` and becomes one of our
+    /// device sections (the id string starts with `precopy/`, e.g. the KVM guest's
+    /// `precopy/vcpu`). The destination finds them in `Received::device_states`.
+    /// Default: none.
+    fn device_states(&self) -> Result<Vec<DeviceStateEntry>, GuestError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The guest's dirty log: which pages were written since the last fetch.

@@ -1,0 +1,279 @@
+//! The destination side (`-incoming URI`): read the stream into RAM, track the state the way
+//! the source does, verify the RAM digest the source put in the VM description.
+//!
+//! States: none → setup (waiting for the source) → active (reading) → completed, or failed
+//! with the stream byte offset of the error. A digest mismatch, or a stream without our
+//! digest, fails the migration.
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::Instant;
+
+use precopy_stream::{Limits, LoadStats, OwnedDeviceState, RamImage};
+
+use crate::info::MigrationStatus;
+use crate::migration::{StateChange, VMDESC_KEY, digest_block_header};
+use crate::traits::{GuestError, GuestRamWrite};
+use crate::transport::{IncomingListener, TransportError};
+
+/// Why a destination failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IncomingError {
+    /// Binding or accepting failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The stream is malformed or the transport dropped; `offset` is the stream byte offset.
+    #[error("migration stream error at byte {offset}: {source}")]
+    Stream {
+        /// Stream byte offset of the error.
+        offset: u64,
+        /// The stream error.
+        #[source]
+        source: precopy_stream::Error,
+    },
+    /// The VM description carries no RAM digest of ours (or is not JSON).
+    #[error("the stream has no RAM digest in its VM description")]
+    MissingDigest,
+    /// The RAM read does not match the source's digest.
+    #[error("RAM digest mismatch: source {expected}, destination {actual}")]
+    DigestMismatch {
+        /// The source's digest.
+        expected: String,
+        /// The digest of the RAM we built.
+        actual: String,
+    },
+    /// Writing the received RAM into the guest failed.
+    #[error("storing RAM into the guest: {0}")]
+    Guest(#[from] GuestError),
+}
+
+/// A completed, verified incoming migration.
+#[derive(Debug)]
+pub struct Received {
+    /// The RAM, one buffer per block in MEM_SIZE order.
+    pub image: RamImage,
+    /// Record counts and bytes per kind.
+    pub stats: LoadStats,
+    /// Our device sections (`precopy/...`), in stream order.
+    pub device_states: Vec<OwnedDeviceState>,
+    /// The VM description JSON.
+    pub vm_description: serde_json::Value,
+    /// The verified digest (hex).
+    pub digest: String,
+    /// Stream bytes read.
+    pub bytes: u64,
+    /// ms from the first byte to the verified end.
+    pub total_time_ms: u64,
+}
+
+impl Received {
+    /// Store every page into a guest (e.g. a KVM guest's memory) through [`GuestRamWrite`].
+    pub fn write_into(&self, guest: &mut dyn GuestRamWrite) -> Result<(), GuestError> {
+        for b in self.image.blocks() {
+            for (i, chunk) in b.data().chunks_exact(xbzrle::PAGE_SIZE).enumerate() {
+                let page: &xbzrle::Page = chunk.try_into().expect("page-sized chunk");
+                guest.write_page(b.name(), i as u64, page)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// BLAKE3 digest of a RAM image, in the layout of [`crate::migration::ram_digest`].
+pub fn image_digest(image: &RamImage) -> String {
+    let mut h = blake3::Hasher::new();
+    for b in image.blocks() {
+        digest_block_header(&mut h, b.name(), b.len());
+        h.update(b.data());
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// The digest the source wrote into a VM description, if any.
+pub fn digest_from_vm_description(desc: &serde_json::Value) -> Option<&str> {
+    let d = desc.get(VMDESC_KEY)?.get("ram-digest")?;
+    if d.get("algorithm")?.as_str()? != "blake3" {
+        return None;
+    }
+    d.get("value")?.as_str()
+}
+
+struct State {
+    status: MigrationStatus,
+    error: Option<String>,
+    listeners: Vec<mpsc::Sender<StateChange>>,
+}
+
+/// The destination's state, shareable with a thread that reports progress.
+#[derive(Clone)]
+pub struct Destination {
+    state: Arc<Mutex<State>>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Default for Destination {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination")
+            .field("status", &self.status())
+            .field("bytes", &self.bytes_received())
+            .finish()
+    }
+}
+
+struct Counting<R> {
+    inner: R,
+    bytes: Arc<AtomicU64>,
+    on_first: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0
+            && let Some(f) = self.on_first.take()
+        {
+            f();
+        }
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl Destination {
+    /// A destination in state none.
+    pub fn new() -> Destination {
+        Destination {
+            state: Arc::new(Mutex::new(State {
+                status: MigrationStatus::None,
+                error: None,
+                listeners: Vec::new(),
+            })),
+            bytes: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, to: MigrationStatus) {
+        set_status(&mut self.lock(), to);
+    }
+
+    /// The state.
+    pub fn status(&self) -> MigrationStatus {
+        self.lock().status
+    }
+
+    /// Why it failed, once failed.
+    pub fn error(&self) -> Option<String> {
+        self.lock().error.clone()
+    }
+
+    /// Stream bytes read so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Receive every state change from now on.
+    pub fn subscribe(&self) -> mpsc::Receiver<StateChange> {
+        let (tx, rx) = mpsc::channel();
+        self.lock().listeners.push(tx);
+        rx
+    }
+
+    /// Accept one source on `listener` and [`receive`](Destination::receive) from it.
+    pub fn accept_and_receive(
+        &self,
+        listener: IncomingListener,
+        limits: Limits,
+    ) -> Result<Received, IncomingError> {
+        self.set(MigrationStatus::Setup);
+        match listener.accept() {
+            Ok(conn) => self.receive(conn, limits),
+            Err(e) => {
+                self.fail(e.to_string());
+                Err(e.into())
+            }
+        }
+    }
+
+    fn fail(&self, e: String) {
+        let mut s = self.lock();
+        s.error = Some(e);
+        set_status(&mut s, MigrationStatus::Failed);
+    }
+
+    /// Read a whole stream from `reader`, build the RAM, verify the digest.
+    ///
+    /// Errors: [`IncomingError::Stream`] (with the byte offset),
+    /// [`IncomingError::MissingDigest`], [`IncomingError::DigestMismatch`]; the state is
+    /// then failed.
+    pub fn receive<R: Read>(&self, reader: R, limits: Limits) -> Result<Received, IncomingError> {
+        self.set(MigrationStatus::Setup);
+        self.bytes.store(0, Ordering::Relaxed);
+        let start = Instant::now();
+        let me = self.clone();
+        let counting = Counting {
+            inner: reader,
+            bytes: Arc::clone(&self.bytes),
+            on_first: Some(Box::new(move || me.set(MigrationStatus::Active))),
+        };
+        let r = self.load_and_verify(counting, limits, start);
+        match &r {
+            Ok(_) => self.set(MigrationStatus::Completed),
+            Err(e) => self.fail(e.to_string()),
+        }
+        r
+    }
+
+    fn load_and_verify<R: Read>(
+        &self,
+        reader: R,
+        limits: Limits,
+        start: Instant,
+    ) -> Result<Received, IncomingError> {
+        let loaded = precopy_stream::load(reader, limits).map_err(|e| IncomingError::Stream {
+            offset: e.offset(),
+            source: e,
+        })?;
+        let desc: serde_json::Value = loaded
+            .vm_description
+            .as_deref()
+            .and_then(|d| serde_json::from_slice(d).ok())
+            .ok_or(IncomingError::MissingDigest)?;
+        let expected = digest_from_vm_description(&desc)
+            .ok_or(IncomingError::MissingDigest)?
+            .to_owned();
+        let actual = image_digest(&loaded.image);
+        if actual != expected {
+            return Err(IncomingError::DigestMismatch { expected, actual });
+        }
+        Ok(Received {
+            image: loaded.image,
+            stats: loaded.stats,
+            device_states: loaded.device_states,
+            vm_description: desc,
+            digest: actual,
+            bytes: self.bytes_received(),
+            total_time_ms: start.elapsed().as_millis() as u64,
+        })
+    }
+}
+
+fn set_status(s: &mut State, to: MigrationStatus) {
+    let from = s.status;
+    if from != to {
+        s.status = to;
+        s.listeners
+            .retain(|l| l.send(StateChange { from, to }).is_ok());
+    }
+}
