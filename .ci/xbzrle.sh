@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# CI steps for the xbzrle codec and its benches (called from .ci/run).
+# Runnable from the repo root on a fresh machine; installs what it uses.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== xbzrle: %s ===\n' "$*"; }
+
+step "CPU features and backends"
+grep -o -w -E 'sse2|avx2|avx512f|avx512bw|asimd' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ' || true
+echo
+
+# This machine kind has AVX2 and AVX-512BW: a silently skipped backend fails.
+export XBZRLE_REQUIRE_BACKENDS="${XBZRLE_REQUIRE_BACKENDS:-avx2,avx512bw}"
+
+step "release tests with more proptest cases (backends printed with --nocapture)"
+PROPTEST_CASES="${PROPTEST_CASES:-2000}" cargo test -p xbzrle --release -- --nocapture 2>&1 \
+    | grep -E 'backends run|QEMU records|test result|FAILED|panicked|error' | sort | uniq -c
+
+step "no_std build, compile-time selection (+avx2, no run-time detection)"
+XBZRLE_REQUIRE_BACKENDS=avx2 RUSTFLAGS="-C target-feature=+avx2" cargo test -p xbzrle --no-default-features --release \
+    --target-dir target/xbzrle-avx2 -- --skip every_offset --skip all_short_deltas 2>&1 | grep -E 'test result|FAILED|panicked'
+
+step "clippy: no default features"
+cargo clippy -p xbzrle --no-default-features -- -D warnings
+
+step "clippy: aarch64 (NEON backend type-checked and linted)"
+rustup target list --installed | grep -qx aarch64-unknown-linux-gnu \
+    || rustup target add aarch64-unknown-linux-gnu
+cargo clippy -p xbzrle --target aarch64-unknown-linux-gnu -- -D warnings
+
+step "benches in test mode"
+cargo test -p precopy-benches --lib
+cargo test -p precopy-benches --bench xbzrle
+
+step "limits (quick mode)"
+cargo run --release -p precopy-benches --bin limits -- --quick
