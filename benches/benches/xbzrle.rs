@@ -4,6 +4,8 @@
 //! (512 KiB). Generators in `precopy_benches`. Compare runs with
 //! `cargo bench -p precopy-benches --bench xbzrle -- --save-baseline NAME`
 //! and `--baseline NAME`.
+// criterion_group!/criterion_main! generate undocumented public functions.
+#![allow(missing_docs)]
 
 use std::hint::black_box;
 use std::time::Duration;
