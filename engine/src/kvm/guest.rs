@@ -9,7 +9,8 @@ use xbzrle::Page;
 
 use super::{KvmError, KvmVm, PAGE_SIZE};
 use crate::traits::{
-    DirtyLog, GuestError, GuestRam, GuestRamWrite, RamBlockInfo, Throttle, VcpuControl,
+    DeviceStateEntry, DirtyLog, GuestError, GuestRam, GuestRamWrite, RamBlockInfo, Throttle,
+    VcpuControl,
 };
 
 /// Name of the VM's single RAM block.
@@ -46,6 +47,12 @@ impl GuestRam for KvmVm {
         self.check_page(block, page)?;
         self.ram().read(page * PAGE_SIZE as u64, out)?;
         Ok(())
+    }
+
+    /// The vCPU state as the `precopy/vcpu` section (see [`super::migration`]).
+    fn device_states(&self) -> Result<Vec<DeviceStateEntry>, GuestError> {
+        let s = self.vcpu_section()?;
+        Ok(vec![(s.name, s.instance_id, s.version_id, s.payload)])
     }
 }
 

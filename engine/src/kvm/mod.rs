@@ -29,6 +29,7 @@
 //! ```
 
 pub mod guest;
+pub mod migration;
 pub mod program;
 pub mod ram;
 pub mod state;
@@ -41,6 +42,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 
 pub use guest::RAM_BLOCK_NAME;
+pub use migration::{DeviceSection, GuestReport, SelfCheck, VCPU_SECTION};
 pub use program::{GuestStatus, Workload};
 pub use ram::{GuestRam, PAGE_SIZE, SyncTiming};
 pub use state::VcpuState;
@@ -369,18 +371,15 @@ impl KvmVm {
         Ok(None)
     }
 
-    /// Full self-check: the guest's failure flags, then (vCPUs must be
-    /// stopped, else [`KvmError::Vcpu`]) the host-side check of every
+    /// Full self-check: runs the vCPUs to the end of their current round
+    /// and leaves them stopped there ([`VcpuSet::stop_at_round_end`]),
+    /// then checks the guest's failure flags and, from the host, every
     /// region's invariants ([`program::check_region`]).
+    /// Returns `None` when all hold, else what failed first.
     pub fn self_check(&self) -> Result<Option<String>, KvmError> {
+        self.vcpus.stop_at_round_end()?;
         if let Some(f) = self.guest_failure()? {
             return Ok(Some(f));
-        }
-        if !self.vcpus.is_stopped() {
-            return Err(KvmError::Vcpu {
-                index: 0,
-                what: "self_check needs the vCPUs stopped".into(),
-            });
         }
         for i in 0..self.vcpus.len() {
             if let Some(f) = program::check_region(&self.ram, self.vcpus.len(), i)? {

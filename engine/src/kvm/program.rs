@@ -99,7 +99,8 @@ pub mod mailbox {
 pub struct Workload {
     /// Pages incremented per round by the counter sweep (1..=4096).
     pub sweep_pages: u32,
-    /// Sweep stride in pages (≥ 1).
+    /// Sweep stride in pages (≥ 1); raised to the next value coprime with
+    /// the region's page count, so the sweep visits every page.
     pub stride: u32,
     /// Rounds between full scans of the region (0 = never).
     pub scan_interval: u32,
@@ -183,7 +184,12 @@ pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(
     }
     for index in 0..vcpus {
         let (base, pages) = region(ram.size(), vcpus, index);
-        let stride = (u64::from(workload.stride) % pages).max(1);
+        // A stride sharing a factor with the region's length would confine
+        // the sweep to a fraction of the pages: take the next coprime one.
+        let mut stride = (u64::from(workload.stride) % pages).max(1);
+        while gcd(stride, pages) != 1 {
+            stride += 1;
+        }
         let mut rng = splitmix(workload.seed ^ (index as u64).wrapping_mul(0x9e37_79b9));
         let mb = mailbox_addr(index);
         let mut rng32 = (rng >> 32) as u32;
@@ -214,6 +220,13 @@ pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(
     }
     let code = assemble()?;
     ram.write(CODE_BASE, &code)
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 fn splitmix(mut x: u64) -> u64 {

@@ -108,6 +108,8 @@ struct Shared {
     /// Pointer to the vCPU's `kvm_run.immediate_exit` byte.
     immediate_exit: AtomicPtr<u8>,
     stop: AtomicBool,
+    /// Park at the next pacing exit, i.e. at the end of a guest round.
+    stop_at_round_end: AtomicBool,
     quit: AtomicBool,
     throttle_due: AtomicBool,
     /// Park state, protected by the mutex for the condition variable.
@@ -120,6 +122,8 @@ struct Shared {
 #[derive(Debug, Default)]
 struct ParkState {
     parked: bool,
+    /// Times the thread has parked (to wait for a new park).
+    parks: u64,
     /// First fatal error of the vCPU thread (it then stays parked).
     error: Option<String>,
 }
@@ -162,6 +166,7 @@ impl VcpuSet {
                 fd: Mutex::new(fd),
                 immediate_exit: AtomicPtr::new(ptr),
                 stop: AtomicBool::new(true),
+                stop_at_round_end: AtomicBool::new(false),
                 quit: AtomicBool::new(false),
                 throttle_due: AtomicBool::new(false),
                 park: Mutex::new(ParkState::default()),
@@ -252,6 +257,51 @@ impl VcpuSet {
                 st = s
                     .cond
                     .wait_timeout(st, Duration::from_millis(5).min(deadline - now))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs every vCPU to the end of its current guest round (its next
+    /// pacing exit) and parks it there, where the guest program's
+    /// invariants hold (a plain [`VcpuSet::stop`] may stop a vCPU between
+    /// two stores of one update). Leaves the vCPUs stopped.
+    ///
+    /// Errors: [`KvmError::Timeout`] after 30 s, [`KvmError::Vcpu`].
+    pub fn stop_at_round_end(&self) -> Result<(), KvmError> {
+        let mut before = Vec::with_capacity(self.vcpus.len());
+        for (s, _) in &self.vcpus {
+            let g = lock(&s.park);
+            before.push(g.parks);
+            s.stop_at_round_end.store(true, Ordering::SeqCst);
+            s.stop.store(false, Ordering::SeqCst);
+            s.cond.notify_all();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for ((s, _), parks) in self.vcpus.iter().zip(before) {
+            let mut g = lock(&s.park);
+            loop {
+                if let Some(e) = &g.error {
+                    return Err(KvmError::Vcpu {
+                        index: s.index,
+                        what: e.clone(),
+                    });
+                }
+                if g.parked && g.parks > parks {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    s.stop.store(true, Ordering::SeqCst);
+                    drop(g);
+                    let _ = self.stop();
+                    return Err(KvmError::Timeout("finish their round"));
+                }
+                g = s
+                    .cond
+                    .wait_timeout(g, (deadline - now).min(Duration::from_millis(50)))
                     .map(|(g, _)| g)
                     .unwrap_or_else(|p| p.into_inner().0);
             }
@@ -416,6 +466,7 @@ fn interruptible_sleep(s: &Shared, d: Duration) {
 fn park(s: &Shared) {
     let mut g = lock(&s.park);
     g.parked = true;
+    g.parks += 1;
     s.cond.notify_all();
     while s.stop.load(Ordering::SeqCst) && !s.quit.load(Ordering::SeqCst) {
         g = s.cond.wait(g).unwrap_or_else(|p| p.into_inner());
@@ -479,6 +530,10 @@ fn vcpu_thread(s: &Shared, knobs: &Knobs) {
         clear_immediate_exit(s);
         if let Some(n) = exit {
             s.exits.fetch_add(1, Ordering::Relaxed);
+            if s.stop_at_round_end.swap(false, Ordering::SeqCst) {
+                s.stop.store(true, Ordering::SeqCst);
+                continue;
+            }
             let rate = knobs.rate_per_vcpu.load(Ordering::SeqCst);
             if rate > 0 {
                 pages += n;
