@@ -203,10 +203,31 @@ impl Cursor<'_> {
     }
 }
 
+/// Slots of the transition ring (a power of two, so indexing never fails).
+const RING: usize = 256;
+/// Pending transitions that trigger writing out the runs found so far.
+const BATCH: usize = 128;
+
 /// Encodes the pages behind `pages` into `out` with the block kernel
 /// `eq_mask` (bit `i` of the result set iff byte `i` of both blocks is
 /// equal). Inlined into each backend's entry point so that `eq_mask` is
 /// compiled with that backend's target features.
+///
+/// Two phases, interleaved in batches so the scratch stays small:
+/// 1. per block, the *transitions* (bytes where changed/unchanged flips
+///    relative to the byte before) are appended to a ring of page offsets
+///    with a fixed, branch-free 8-way unrolled `trailing_zeros` loop. They
+///    alternate: literal start, literal end, start, end, ... Unchanged
+///    blocks outside a literal cost one compare and one predicted branch.
+/// 2. each (start, end) pair becomes one `zrun nzrun literal` through the
+///    cursor. This loop has no data-dependent exits per block, which is what
+///    makes dense pages fast.
+///
+/// Before a batch is written, its length is bounded from below (2 header
+/// bytes per pair plus the literal bytes): when that already exceeds
+/// `out.len()` the overflow is certain and no literal byte is copied (random
+/// pages fail after one pass of compares). No `popcnt` is needed anywhere,
+/// so baseline x86_64 and the portable backend stay fast.
 #[inline(always)]
 pub(crate) fn encode_with<P: Pages>(
     pages: &mut P,
@@ -214,50 +235,84 @@ pub(crate) fn encode_with<P: Pages>(
     eq_mask: impl Fn(&Block, &Block) -> u64,
 ) -> Result<usize, EncodeError> {
     let mut w = Cursor { out, pos: 0 };
-    // Index of the next block to compare.
-    let mut next = 0;
-    // Changed-byte bits of block `next - 1` at or after the current position.
-    let mut ne = 0u64;
-    // Page offset where the current zero run starts.
-    let mut zstart = 0;
-    loop {
-        // Zero run: find the first changed byte, skipping equal blocks.
-        while ne == 0 {
-            if next == BLOCKS {
-                // The trailing zero run is not written.
-                return Ok(w.pos);
+    let mut ring = [0u16; RING];
+    // Transitions in the ring not yet written out (ring[0..n]).
+    let mut n = 0usize;
+    // 1 when the last byte of the previous block changed.
+    let mut carry = 0u64;
+    // Page offset where the next zero run starts.
+    let mut zstart = 0usize;
+    for b in 0..BLOCKS {
+        let m = eq_mask(pages.old_block(b), pages.new_block(b));
+        if m == u64::MAX && carry == 0 {
+            continue;
+        }
+        if m != u64::MAX {
+            pages.sync(b);
+        }
+        let ne = !m;
+        let mut t = ne ^ ((ne << 1) | carry);
+        carry = ne >> 63;
+        if t == 0 {
+            continue; // inside a literal that spans the whole block
+        }
+        let base = (b * BLOCK) as u16;
+        // Unconditional 8 slots (extra ones are overwritten later), then the
+        // rare rest.
+        let mut cnt = 0;
+        for k in 0..8 {
+            ring[(n + k) % RING] = base + t.trailing_zeros() as u16;
+            cnt += usize::from(t != 0);
+            t &= t.wrapping_sub(1);
+        }
+        while t != 0 {
+            ring[(n + cnt) % RING] = base + t.trailing_zeros() as u16;
+            cnt += 1;
+            t &= t.wrapping_sub(1);
+        }
+        n += cnt;
+        if n >= BATCH {
+            if let Err(e) = flush(&mut w, &ring, n & !1, &mut zstart, pages.new_page()) {
+                pages.sync_rest(b + 1);
+                return Err(e);
             }
-            let m = eq_mask(pages.old_block(next), pages.new_block(next));
-            if m != u64::MAX {
-                ne = !m;
-                pages.sync(next);
-            }
-            next += 1;
+            // An odd count leaves a literal open: its start moves to slot 0.
+            ring[0] = ring[(n - 1) % RING];
+            n &= 1;
         }
-        let s = (next - 1) * BLOCK + ne.trailing_zeros() as usize;
-        // Literal run: find the first unchanged byte at or after `s`.
-        let mut eq = !ne & (u64::MAX << (s % BLOCK));
-        while eq == 0 && next < BLOCKS {
-            eq = eq_mask(pages.old_block(next), pages.new_block(next));
-            pages.sync(next);
-            next += 1;
-        }
-        let e = if eq == 0 {
-            PAGE_SIZE
-        } else {
-            (next - 1) * BLOCK + eq.trailing_zeros() as usize
-        };
-        if let Err(err) = w.pair(s - zstart, e - s, pages.new_page(), s) {
-            pages.sync_rest(next);
-            return Err(err);
-        }
-        zstart = e;
-        // Changed bytes of the current block after the literal (none when
-        // the literal ran to the end of the page: the loop then returns).
-        ne = if eq == 0 {
-            0
-        } else {
-            !eq & (u64::MAX << (e % BLOCK))
-        };
     }
+    if n % 2 == 1 {
+        // The last literal runs to the end of the page.
+        ring[n % RING] = PAGE_SIZE as u16;
+        n += 1;
+    }
+    flush(&mut w, &ring, n, &mut zstart, pages.new_page())?;
+    Ok(w.pos)
+}
+
+/// Writes the `n / 2` (start, end) pairs at the front of `ring`, or fails
+/// without copying when they cannot fit (each pair takes at least 2 header
+/// bytes plus its literal).
+#[inline(always)]
+fn flush(
+    w: &mut Cursor<'_>,
+    ring: &[u16; RING],
+    n: usize,
+    zstart: &mut usize,
+    page: &Page,
+) -> Result<(), EncodeError> {
+    let mut least = w.pos;
+    for j in 0..n / 2 {
+        least += 2 + usize::from(ring[(2 * j + 1) % RING]) - usize::from(ring[(2 * j) % RING]);
+    }
+    if least > w.out.len() {
+        return Err(EncodeError::Overflow);
+    }
+    for j in 0..n / 2 {
+        let s = usize::from(ring[(2 * j) % RING]);
+        let e = usize::from(ring[(2 * j + 1) % RING]);
+        w.pair(s - *zstart, e - s, page, s)?;
+        *zstart = e;
+    }
+    Ok(())
 }

@@ -48,14 +48,30 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `LIMITS_FILTER` (a substring of `op/backend/workload/cache`): run only
+/// matching rows, e.g. `encode/avx512bw/words25`.
+fn wanted(op: &str, backend: &str, workload: &str, cache: &str) -> bool {
+    match std::env::var("LIMITS_FILTER") {
+        Ok(f) => format!("{op}/{backend}/{workload}/{cache}").contains(&f),
+        Err(_) => true,
+    }
+}
+
 fn row(op: &str, backend: &str, workload: &str, cache: &str, ns: f64, limit: f64) {
-    let r = serde_json::json!({
-        "op": op, "backend": backend, "workload": workload, "cache": cache,
-        "ns_per_page": (ns * 10.0).round() / 10.0,
-        "limit_ns": (limit * 10.0).round() / 10.0,
-        "ratio": (ns / limit * 1000.0).round() / 1000.0,
-    });
-    println!("{r}");
+    // Fields in the documented order (serde_json's map would sort them).
+    let r = format!(
+        "{{\"op\": {}, \"backend\": {}, \"workload\": {}, \"cache\": {}, \"ns_per_page\": {}, \"limit_ns\": {}, \"ratio\": {}}}",
+        serde_json::Value::from(op),
+        serde_json::Value::from(backend),
+        serde_json::Value::from(workload),
+        serde_json::Value::from(cache),
+        serde_json::Value::from((ns * 10.0).round() / 10.0),
+        serde_json::Value::from((limit * 10.0).round() / 10.0),
+        serde_json::Value::from((ns / limit * 1000.0).round() / 1000.0),
+    );
+    if wanted(op, backend, workload, cache) {
+        println!("{r}");
+    }
 }
 
 /// ns per call of `f(i)` for `i` in `items`.
@@ -70,13 +86,18 @@ fn per_item(items: &[usize], mut f: impl FnMut(usize)) -> f64 {
 /// Alternates `limit` and `op` over `reps` repetitions, each over the
 /// index list `next()` gives; returns (median op ns, median limit ns).
 fn measure(
+    want: bool,
     reps: usize,
     mut next: impl FnMut() -> Vec<usize>,
     mut limit: impl FnMut(usize),
     mut op: impl FnMut(usize),
 ) -> (f64, f64) {
-    let (mut lt, mut ot) = (Vec::new(), Vec::new());
-    for _ in 0..reps {
+    let (mut lt, mut ot) = (vec![f64::NAN], vec![f64::NAN]);
+    if want {
+        lt.clear();
+        ot.clear();
+    }
+    for _ in 0..if want { reps } else { 0 } {
         lt.push(per_item(&next(), &mut limit));
         ot.push(per_item(&next(), &mut op));
     }
@@ -187,6 +208,7 @@ fn main() {
         let mut walk = Walk::new(COLD_PAGES / 2, &mut r);
         for (name, enc) in &encs {
             let (ns, lim) = measure(
+                wanted("encode", name, w.name(), "hot"),
                 cfg.reps_hot,
                 || hot_idx.clone(),
                 |k| {
@@ -199,6 +221,7 @@ fn main() {
             row("encode", name, w.name(), "hot", ns, lim);
             summary.push((format!("encode {} {} hot", name, w.name()), ns));
             let (ns, lim) = measure(
+                wanted("encode", name, w.name(), "cold"),
                 cfg.reps_cold,
                 || walk.take(cfg.chunk_cold),
                 |k| {
@@ -229,6 +252,7 @@ fn main() {
         let hot_idx: Vec<usize> = (0..HOT_PAIRS).collect();
         let dest_cell = std::cell::RefCell::new(&mut dest);
         let (ns, lim) = measure(
+            wanted("decode", "scalar", w.name(), "hot"),
             cfg.reps_hot,
             || hot_idx.clone(),
             |k| {
@@ -244,6 +268,7 @@ fn main() {
         let mut walk = Walk::new(COLD_PAGES, &mut r);
         let arena_cell = std::cell::RefCell::new(&mut arena);
         let (ns, lim) = measure(
+            wanted("decode", "scalar", w.name(), "cold"),
             cfg.reps_cold,
             || walk.take(cfg.chunk_cold),
             |p| {
@@ -276,6 +301,7 @@ fn main() {
         for b in Backend::available() {
             let c = Codec::with_backend(b).expect("available");
             let (ns, lim) = measure(
+                wanted("is_zero", b.name(), wname, "hot"),
                 cfg.reps_hot,
                 || hot_idx.clone(),
                 |k| {
@@ -287,6 +313,7 @@ fn main() {
             );
             row("is_zero", b.name(), wname, "hot", ns, lim);
             let (ns, lim) = measure(
+                wanted("is_zero", b.name(), wname, "cold"),
                 cfg.reps_cold,
                 || walk.take(cfg.chunk_cold),
                 |k| {
