@@ -55,6 +55,37 @@ impl<R: Read> StreamReader<R> {
         (self.inner, rest)
     }
 
+    /// Reads everything left in the input (buffered bytes first), at most
+    /// `max_bytes`; returns `(stream offset of the first byte, bytes)`.
+    /// Use after a stop at a foreign section, with [`find_vm_description`].
+    ///
+    /// # Errors
+    /// [`Error::Io`]; [`FormatError::TooLong`](crate::FormatError::TooLong)
+    /// when more than `max_bytes` are left.
+    pub fn read_rest(&mut self, max_bytes: usize) -> Result<(u64, Vec<u8>), Error> {
+        let offset = self.decoder.position();
+        let mut rest = self.buf[self.start..self.end].to_vec();
+        self.start = self.end;
+        let limit = max_bytes as u64;
+        let mut take = (&mut self.inner).take(limit.saturating_sub(rest.len() as u64) + 1);
+        take.read_to_end(&mut rest).map_err(|source| Error::Io {
+            offset: offset + rest.len() as u64,
+            source,
+        })?;
+        if rest.len() as u64 > limit {
+            return Err(Error::Format {
+                offset,
+                kind: crate::FormatError::TooLong {
+                    what: "stream after the last section read",
+                    len: rest.len() as u64,
+                    limit,
+                },
+            });
+        }
+        self.eof = true;
+        Ok((offset, rest))
+    }
+
     /// Reads more input; false at end of input.
     fn fill(&mut self) -> Result<bool, Error> {
         if self.eof {
@@ -124,4 +155,26 @@ impl<R: Read> StreamReader<R> {
             }
         }
     }
+}
+
+/// Finds QEMU's VM description at the end of `tail` (the bytes of a stream
+/// from some offset to its end, e.g. from [`StreamReader::read_rest`]):
+/// EOF (0x00), 0x06, be32 length, then exactly that many bytes of JSON
+/// object up to the end. Returns `(offset in tail of the EOF byte, json)`.
+///
+/// This is how a reader gets past device state it cannot parse: the VM
+/// description's length is the only thing that locates it. The JSON holds
+/// no 0x00 byte, so the last match is the real one.
+pub fn find_vm_description(tail: &[u8]) -> Option<(usize, &[u8])> {
+    let n = tail.len();
+    (0..n.saturating_sub(6)).rev().find_map(|p| {
+        let head = tail.get(p..p + 6)?;
+        if head[0] != crate::format::SECTION_EOF || head[1] != crate::format::VM_DESCRIPTION {
+            return None;
+        }
+        let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
+        let json = tail.get(p + 6..)?;
+        (json.len() == len && json.first() == Some(&b'{') && json.last() == Some(&b'}'))
+            .then_some((p, json))
+    })
 }

@@ -27,6 +27,8 @@
 //! * any other section (QEMU device state, other iterable sections): reading
 //!   stops cleanly before it ([`StopReason::ForeignSection`] with offset and name),
 //!   since its length is known only to the device's `VMStateDescription`.
+//!   The VM description after it can still be found from the end of the
+//!   stream ([`StreamReader::read_rest`] + [`find_vm_description`]).
 //! * EOF, then the VM description JSON: returned ([`Loaded::vm_description`]).
 //! * COMMAND sections, compressed pages, RDMA hooks: framing is decoded; the
 //!   loader refuses them as [`FormatError::Unsupported`].
@@ -82,7 +84,7 @@ pub use decoder::{
 };
 pub use encoder::Encoder;
 pub use error::{Error, FormatError, WriteError};
-pub use io::StreamReader;
+pub use io::{StreamReader, find_vm_description};
 pub use loader::{
     Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, RamBlock, RamImage,
     StopReason, load,

@@ -312,3 +312,30 @@ fn tiny_cases_are_where_the_readme_says() {
         assert_eq!(&out[before..], &rec[..]);
     }
 }
+
+#[test]
+fn vm_description_is_found_past_qemu_device_state() {
+    let s = xbzrle_stream();
+    let e = &expected()["xbzrle_stream"];
+    let mut r = precopy_stream::StreamReader::new(s, Limits::default());
+    let mut loader = precopy_stream::Loader::new(Limits::default());
+    loader.load_from(&mut r).unwrap();
+    let (base, rest) = r.read_rest(64 << 20).unwrap();
+    // The rest starts after the foreign section's header (type, id, "timer", instance, version).
+    assert_eq!(
+        base,
+        e["ram_data_ends_at"].as_u64().unwrap() + 1 + 4 + 1 + 5 + 4 + 4
+    );
+    let (eof_at, json) = precopy_stream::find_vm_description(&rest).expect("VM description");
+    // The README gives the JSON's offset: right after the EOF byte.
+    assert_eq!(
+        base + eof_at as u64 + 1,
+        e["vmdescription_at"].as_u64().unwrap()
+    );
+    let v: serde_json::Value = serde_json::from_slice(json).unwrap();
+    assert_eq!(
+        v["devices"].as_array().unwrap().len() as u64,
+        e["vmdescription_devices"].as_u64().unwrap()
+    );
+    assert_eq!(v["page_size"], 4096);
+}
