@@ -104,8 +104,12 @@ pub struct Workload {
     pub stride: u32,
     /// Rounds between full scans of the region (0 = never).
     pub scan_interval: u32,
-    /// Seed of the guest's xorshift32 generator (and sweep start).
+    /// Seed of the guest's xorshift32 generator, sweep start and prefill.
     pub seed: u64,
+    /// Share of data pages (0..=100 %) the host fills with seeded
+    /// pseudo-random words before the guest starts (the rest stay zero), so
+    /// a new guest does not look like an idle, all-zero one.
+    pub prefill_percent: u8,
 }
 
 impl Default for Workload {
@@ -115,6 +119,7 @@ impl Default for Workload {
             stride: 7,
             scan_interval: 256,
             seed: 0x5eed,
+            prefill_percent: 75,
         }
     }
 }
@@ -168,14 +173,19 @@ pub fn check_layout(ram_size: u64, vcpus: usize) -> Result<(), KvmError> {
     Ok(())
 }
 
-/// Writes the GDT and vCPU `index`'s mailbox with `workload`'s parameters.
-/// The data region must be zero (fresh RAM is), which satisfies both
-/// invariants with `TOTAL = 0`.
+/// Writes the GDT, every vCPU's mailbox with `workload`'s parameters, the
+/// prefilled data pages and the program. The data region must be zero
+/// before (fresh RAM is).
 pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(), KvmError> {
     check_layout(ram.size(), vcpus)?;
-    if workload.sweep_pages == 0 || workload.sweep_pages > 4096 || workload.stride == 0 {
+    if workload.sweep_pages == 0
+        || workload.sweep_pages > 4096
+        || workload.stride == 0
+        || workload.prefill_percent > 100
+    {
         return Err(KvmError::Config(format!(
-            "workload {workload:?}: sweep_pages must be 1..=4096 and stride ≥ 1"
+            "workload {workload:?}: sweep_pages must be 1..=4096, stride ≥ 1, \
+             prefill_percent ≤ 100"
         )));
     }
     let gdt: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
@@ -217,9 +227,45 @@ pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(
         for (off, v) in fields {
             ram.write_u32(mb + off, v)?;
         }
+        let total = prefill(ram, base, pages, workload, index)?;
+        ram.write_u32(mb + mailbox::TOTAL, total)?;
     }
     let code = assemble()?;
     ram.write(CODE_BASE, &code)
+}
+
+/// Fills `prefill_percent` % of the region's pages (chosen by a seeded
+/// hash) with pseudo-random words, each page's last word balancing its sum
+/// to 0. Returns the sum of the pages' words 0 (the mailbox's `TOTAL`).
+fn prefill(
+    ram: &GuestRam,
+    base: u64,
+    pages: u64,
+    workload: &Workload,
+    index: usize,
+) -> Result<u32, KvmError> {
+    let mut total = 0u32;
+    let mut page = [0u8; PAGE_SIZE];
+    let salt = splitmix(workload.seed ^ 0x7072_6566_696c_6c00 ^ index as u64);
+    for p in 0..pages {
+        let mut x = splitmix(salt ^ p);
+        if x % 100 >= u64::from(workload.prefill_percent) {
+            continue;
+        }
+        let mut sum = 0u32;
+        for w in page[..PAGE_SIZE - 4].chunks_exact_mut(4) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = (x >> 32) as u32;
+            w.copy_from_slice(&v.to_le_bytes());
+            sum = sum.wrapping_add(v);
+        }
+        page[PAGE_SIZE - 4..].copy_from_slice(&sum.wrapping_neg().to_le_bytes());
+        total = total.wrapping_add(u32::from_le_bytes([page[0], page[1], page[2], page[3]]));
+        ram.write(base + p * PAGE_SIZE as u64, &page)?;
+    }
+    Ok(total)
 }
 
 fn gcd(mut a: u64, mut b: u64) -> u64 {
