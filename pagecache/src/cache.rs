@@ -1,5 +1,6 @@
-//! The cache itself: one slot array (metadata) and one page array (data),
-//! both allocated once per geometry and indexed by the same slot number.
+//! The cache itself: a tag array and an auxiliary word array (metadata, 8 +
+//! 8 bytes per slot) and one page array (data), allocated once per geometry
+//! and indexed by the same slot number.
 
 use crate::{CacheError, Insert, MAX_WAYS, Policy};
 use xbzrle::{PAGE_SIZE, Page};
@@ -7,26 +8,13 @@ use xbzrle::{PAGE_SIZE, Page};
 /// Page size as `u64`, for address arithmetic.
 const PAGE_SIZE_U64: u64 = PAGE_SIZE as u64;
 
-/// Bits of a set-associative stamp that hold the per-generation access tick.
-const TICK_BITS: u32 = 24;
-/// Largest tick; later accesses in the same generation share it.
-const TICK_MAX: u64 = (1 << TICK_BITS) - 1;
-/// Largest generation a set-associative stamp can hold; larger generations
-/// are clamped to it (a sync every microsecond for 12 days).
-pub(crate) const GEN_MAX: u64 = (1 << (64 - TICK_BITS)) - 1;
+/// Metadata bytes per slot: one tag word and one auxiliary word.
+pub(crate) const META_BYTES_PER_SLOT: usize = 16;
 
-/// Metadata of one slot: 16 bytes, the whole per-page overhead.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Slot {
-    /// Page number + 1 (`addr / PAGE_SIZE + 1`); 0 marks an empty slot.
-    tag: u64,
-    /// When the page was last used. Direct-mapped: the generation (QEMU's
-    /// `it_age`). Set-associative: `generation << 24 | tick`, so comparing
-    /// stamps orders by generation, then by access order inside it.
-    stamp: u64,
-}
-
-const _: () = assert!(core::mem::size_of::<Slot>() == 16);
+/// Set-associative tags keep the low `GEN_BITS` bits of the generation of
+/// the last use below the page number.
+const GEN_BITS: u32 = 11;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
 
 /// Shape of a cache: `sets * ways` slots, `sets` a power of two.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +45,7 @@ impl Geometry {
         let pages_usize = usize::try_from(pages).map_err(|_| too_large)?;
         // Page data + metadata must be addressable.
         pages_usize
-            .checked_mul(PAGE_SIZE + core::mem::size_of::<Slot>())
+            .checked_mul(PAGE_SIZE + META_BYTES_PER_SLOT)
             .filter(|&b| b <= isize::MAX as usize)
             .ok_or(too_large)?;
         match policy {
@@ -104,8 +92,7 @@ pub(crate) fn check_ways(ways: u16) -> Result<u16, CacheError> {
 
 /// Largest power of two `<= n`, for `n >= 1`.
 fn prev_power_of_two(n: usize) -> usize {
-    debug_assert!(n >= 1);
-    1usize << (usize::BITS - 1 - n.leading_zeros())
+    1usize << (usize::BITS - 1 - n.max(1).leading_zeros())
 }
 
 /// Set-index hash of the set-associative policy. Fixed (independent of the
@@ -121,6 +108,16 @@ fn set_hash(page_number: u64) -> u64 {
     page_number ^ ((page_number >> 16).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16)
 }
 
+/// 64-bit mixer (splitmix64 finalizer) for the admission filter.
+#[inline]
+fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// Internal cache state. Public API lives on [`crate::PageCache`].
 #[derive(Clone)]
 pub(crate) struct Inner {
@@ -129,13 +126,33 @@ pub(crate) struct Inner {
     geom: Geometry,
     /// `sets - 1`.
     set_mask: u64,
-    slots: Vec<Slot>,
+    /// Per slot, 0 = empty. Direct-mapped: page number + 1.
+    /// Set-associative: `(page number + 1) << 11 | generation mod 2048`.
+    tags: Vec<u64>,
+    /// Per slot. Direct-mapped: the age (generation of the last use, QEMU's
+    /// `it_age`). Set-associative: 64 bits of the admission filter (see
+    /// [`Door`]), not tied to the slot's page.
+    aux: Vec<u64>,
     data: Vec<Page>,
     resident: usize,
-    /// Generation of the last stamp, and the next tick within it.
-    clock_generation: u64,
-    tick: u64,
+    /// Set-associative admission filter state.
+    door: Door,
+    /// Generation of the most recent lookup or insert.
+    last_generation: u64,
     pub(crate) stats: crate::CacheStats,
+}
+
+/// The admission filter ("doorkeeper") of the set-associative policy: two
+/// Bloom filters of `32 * capacity` bits, interleaved in the `aux` words
+/// (low and high 32 bits), with 2 hash functions. One records the pages
+/// that missed and were not admitted in the current generation; the other
+/// holds the previous generation's.
+#[derive(Clone, Copy, Debug, Default)]
+struct Door {
+    /// Which half of each `aux` word is the current generation's filter.
+    current_high: bool,
+    /// The generation the current filter belongs to.
+    generation: Option<u64>,
 }
 
 /// Allocates `n` copies of `value` without aborting on failure.
@@ -149,7 +166,7 @@ fn try_filled<T: Clone>(n: usize, value: T) -> Option<Vec<T>> {
 fn alloc_error(budget_bytes: u64, geom: Geometry) -> CacheError {
     let bytes = geom
         .capacity()
-        .checked_mul(PAGE_SIZE + core::mem::size_of::<Slot>())
+        .checked_mul(PAGE_SIZE + META_BYTES_PER_SLOT)
         .and_then(|b| u64::try_from(b).ok());
     CacheError::BudgetTooLarge {
         budget_bytes,
@@ -157,29 +174,34 @@ fn alloc_error(budget_bytes: u64, geom: Geometry) -> CacheError {
     }
 }
 
+type Arrays = (Vec<u64>, Vec<u64>, Vec<Page>);
+
 impl Inner {
     pub(crate) fn new(budget_bytes: u64, policy: Policy) -> Result<Inner, CacheError> {
         let geom = Geometry::for_budget(policy, budget_bytes)?;
-        let (slots, data) = Self::alloc(budget_bytes, geom)?;
+        let (tags, aux, data) = Self::alloc(budget_bytes, geom)?;
         Ok(Inner {
             policy,
             budget_bytes,
             geom,
             set_mask: geom.sets as u64 - 1,
-            slots,
+            tags,
+            aux,
             data,
             resident: 0,
-            clock_generation: 0,
-            tick: 0,
+            door: Door::default(),
+            last_generation: 0,
             stats: crate::CacheStats::default(),
         })
     }
 
-    fn alloc(budget_bytes: u64, geom: Geometry) -> Result<(Vec<Slot>, Vec<Page>), CacheError> {
+    fn alloc(budget_bytes: u64, geom: Geometry) -> Result<Arrays, CacheError> {
         let cap = geom.capacity();
-        let slots = try_filled(cap, Slot::default()).ok_or(alloc_error(budget_bytes, geom))?;
-        let data = try_filled(cap, [0u8; PAGE_SIZE]).ok_or(alloc_error(budget_bytes, geom))?;
-        Ok((slots, data))
+        let err = || alloc_error(budget_bytes, geom);
+        let tags = try_filled(cap, 0u64).ok_or_else(err)?;
+        let aux = try_filled(cap, 0u64).ok_or_else(err)?;
+        let data = try_filled(cap, [0u8; PAGE_SIZE]).ok_or_else(err)?;
+        Ok((tags, aux, data))
     }
 
     pub(crate) fn policy(&self) -> Policy {
@@ -195,76 +217,87 @@ impl Inner {
         self.resident
     }
 
-    #[inline]
-    fn set_of(&self, page_number: u64) -> usize {
-        let h = match self.policy {
-            Policy::DirectMapped => page_number,
-            Policy::SetAssociative { .. } => set_hash(page_number),
-        };
-        // Masked to < sets, which is a usize.
-        (h & self.set_mask) as usize
+    fn is_direct(&self) -> bool {
+        matches!(self.policy, Policy::DirectMapped)
     }
 
-    /// Slot range of the set that `tag` maps to.
+    /// Set of a page number under a set mask.
     #[inline]
-    fn set_range(&self, tag: u64) -> core::ops::Range<usize> {
-        let base = self.set_of(tag - 1) * self.geom.ways;
+    fn set_with(&self, page_number: u64, mask: u64) -> usize {
+        let h = if self.is_direct() {
+            page_number
+        } else {
+            set_hash(page_number)
+        };
+        // Masked to < sets, which is a usize.
+        (h & mask) as usize
+    }
+
+    /// Slot range of the set that page number `pn` maps to.
+    #[inline]
+    fn set_range(&self, pn: u64) -> core::ops::Range<usize> {
+        let base = self.set_with(pn, self.set_mask) * self.geom.ways;
         base..base + self.geom.ways
     }
 
+    /// Page number + 1 held by a tag word (0 = empty).
     #[inline]
-    fn find(&self, tag: u64) -> Option<usize> {
-        let range = self.set_range(tag);
+    fn key_of(&self, tag: u64) -> u64 {
+        if self.is_direct() {
+            tag
+        } else {
+            tag >> GEN_BITS
+        }
+    }
+
+    #[inline]
+    fn find(&self, pn: u64) -> Option<usize> {
+        let range = self.set_range(pn);
         let start = range.start;
-        self.slots[range]
-            .iter()
-            .position(|s| s.tag == tag)
-            .map(|i| start + i)
+        let key = pn + 1;
+        let set = &self.tags[range];
+        let i = if self.is_direct() {
+            set.iter().position(|&t| t == key)
+        } else {
+            set.iter().position(|&t| t >> GEN_BITS == key)
+        };
+        i.map(|i| start + i)
     }
 
-    /// The stamp for a use at `generation` now.
+    /// Records a use of slot `i` at `generation`.
     #[inline]
-    fn stamp(&mut self, generation: u64) -> u64 {
-        match self.policy {
-            Policy::DirectMapped => generation,
-            Policy::SetAssociative { .. } => {
-                if generation != self.clock_generation {
-                    self.clock_generation = generation;
-                    self.tick = 0;
-                }
-                let t = self.tick.min(TICK_MAX);
-                self.tick = self.tick.saturating_add(1);
-                (generation.min(GEN_MAX) << TICK_BITS) | t
-            }
+    fn touch(&mut self, i: usize, key: u64, generation: u64) {
+        if self.is_direct() {
+            self.tags[i] = key;
+            self.aux[i] = generation;
+        } else {
+            self.tags[i] = (key << GEN_BITS) | (generation & GEN_MASK);
         }
     }
 
-    /// QEMU's freshness rule: a page used at `stamp` is protected from
-    /// eviction at `generation` while `age + 2 > generation`.
+    /// How many generations ago slot `i` was used, for the set-associative
+    /// policy (modulo 2048).
     #[inline]
-    fn is_fresh(&self, stamp: u64, generation: u64) -> bool {
-        match self.policy {
-            // C unsigned arithmetic, as in QEMU's `it_age + 2 > current_age`.
-            Policy::DirectMapped => stamp.wrapping_add(2) > generation,
-            Policy::SetAssociative { .. } => (stamp >> TICK_BITS) + 2 > generation.min(GEN_MAX),
-        }
+    fn sa_distance(tag: u64, generation: u64) -> u64 {
+        generation.wrapping_sub(tag) & GEN_MASK
     }
 
     pub(crate) fn contains(&self, addr: u64) -> bool {
-        self.find(tag_of(addr)).is_some()
+        self.find(page_number(addr)).is_some()
     }
 
     pub(crate) fn peek(&self, addr: u64) -> Option<&Page> {
-        self.find(tag_of(addr)).and_then(|i| self.data.get(i))
+        self.find(page_number(addr)).and_then(|i| self.data.get(i))
     }
 
     pub(crate) fn lookup(&mut self, addr: u64, generation: u64) -> Option<&mut Page> {
         self.stats.lookups = self.stats.lookups.wrapping_add(1);
-        match self.find(tag_of(addr)) {
+        self.last_generation = generation;
+        let pn = page_number(addr);
+        match self.find(pn) {
             Some(i) => {
                 self.stats.hits = self.stats.hits.wrapping_add(1);
-                let stamp = self.stamp(generation);
-                self.slots[i].stamp = stamp;
+                self.touch(i, pn + 1, generation);
                 self.data.get_mut(i)
             }
             None => {
@@ -275,50 +308,151 @@ impl Inner {
     }
 
     pub(crate) fn insert(&mut self, addr: u64, page: &Page, generation: u64) -> Insert {
-        let tag = tag_of(addr);
-        let range = self.set_range(tag);
-        let mut empty = None;
-        let mut victim = range.start;
-        let mut victim_stamp = u64::MAX;
-        for (i, s) in self.slots[range.clone()].iter().enumerate() {
-            if s.tag == tag {
-                let i = range.start + i;
-                self.store(i, tag, page, generation);
+        self.last_generation = generation;
+        let pn = page_number(addr);
+        let key = pn + 1;
+        let range = self.set_range(pn);
+        let start = range.start;
+        if self.is_direct() {
+            // QEMU `cache_insert`: refuse only over another, fresh page.
+            let i = start;
+            let t = self.tags[i];
+            if t == key {
+                self.store(i, key, page, generation);
                 return Insert::Replaced;
             }
-            if s.tag == 0 {
+            if t != 0 && self.aux[i].wrapping_add(2) > generation {
+                return self.refuse();
+            }
+            if t == 0 {
+                self.resident += 1;
+            } else {
+                self.stats.evictions = self.stats.evictions.wrapping_add(1);
+            }
+            self.store(i, key, page, generation);
+            return Insert::Inserted;
+        }
+
+        let mut empty = None;
+        let mut victim = start;
+        let mut victim_distance = 0;
+        for (j, &t) in self.tags[range].iter().enumerate() {
+            if t >> GEN_BITS == key {
+                self.store(start + j, key, page, generation);
+                return Insert::Replaced;
+            }
+            if t == 0 {
                 if empty.is_none() {
-                    empty = Some(range.start + i);
+                    empty = Some(start + j);
                 }
-            } else if s.stamp < victim_stamp {
-                victim = range.start + i;
-                victim_stamp = s.stamp;
+            } else {
+                let d = Self::sa_distance(t, generation);
+                if d > victim_distance {
+                    victim = start + j;
+                    victim_distance = d;
+                }
             }
         }
         if let Some(i) = empty {
             self.resident += 1;
-            self.store(i, tag, page, generation);
+            self.store(i, key, page, generation);
             return Insert::Inserted;
         }
-        if self.is_fresh(victim_stamp, generation) {
-            self.stats.refused_inserts = self.stats.refused_inserts.wrapping_add(1);
-            return Insert::Refused;
+        self.door_rotate(generation);
+        // QEMU's protection: the least recently used page of the set was
+        // used in this or the previous generation.
+        if victim_distance < 2 || !self.door_seen(pn) {
+            self.door_note(pn);
+            return self.refuse();
         }
         self.stats.evictions = self.stats.evictions.wrapping_add(1);
-        self.store(victim, tag, page, generation);
+        self.store(victim, key, page, generation);
         Insert::Inserted
     }
 
-    fn store(&mut self, i: usize, tag: u64, page: &Page, generation: u64) {
+    fn refuse(&mut self) -> Insert {
+        self.stats.refused_inserts = self.stats.refused_inserts.wrapping_add(1);
+        Insert::Refused
+    }
+
+    fn store(&mut self, i: usize, key: u64, page: &Page, generation: u64) {
         self.stats.inserts = self.stats.inserts.wrapping_add(1);
-        let stamp = self.stamp(generation);
-        self.slots[i] = Slot { tag, stamp };
+        self.touch(i, key, generation);
         self.data[i].copy_from_slice(page);
     }
 
+    /// Starts a new current filter when the generation moves on: the
+    /// current one becomes the previous one if the generation advanced by
+    /// one; otherwise (a jump or going back) both are emptied.
+    fn door_rotate(&mut self, generation: u64) {
+        if self.door.generation == Some(generation) {
+            return;
+        }
+        let follows = self.door.generation.map(|g| g.wrapping_add(1)) == Some(generation);
+        if follows {
+            self.door.current_high = !self.door.current_high;
+            let keep = if self.door.current_high {
+                0x0000_0000_ffff_ffff
+            } else {
+                0xffff_ffff_0000_0000
+            };
+            for w in &mut self.aux {
+                *w &= keep;
+            }
+        } else {
+            self.aux.fill(0);
+        }
+        self.door.generation = Some(generation);
+    }
+
+    /// The two filter bit positions (of `32 * capacity`) of a page.
+    #[inline]
+    fn door_bits(&self, pn: u64) -> [usize; 2] {
+        let h = mix64(pn);
+        let m = (self.aux.len() as u128) * 32;
+        let a = ((u128::from(h & 0xffff_ffff) * m) >> 32) as usize;
+        let b = ((u128::from(h >> 32) * m) >> 32) as usize;
+        [a, b]
+    }
+
+    #[inline]
+    fn door_bit(&self, bit: usize, high: bool) -> (usize, u64) {
+        let shift = (bit & 31) + if high { 32 } else { 0 };
+        (bit >> 5, 1u64 << shift)
+    }
+
+    fn door_seen(&self, pn: u64) -> bool {
+        let previous_high = !self.door.current_high;
+        self.door_bits(pn).iter().all(|&b| {
+            let (w, m) = self.door_bit(b, previous_high);
+            self.aux[w] & m != 0
+        })
+    }
+
+    fn door_note(&mut self, pn: u64) {
+        let high = self.door.current_high;
+        for b in self.door_bits(pn) {
+            let (w, m) = self.door_bit(b, high);
+            self.aux[w] |= m;
+        }
+    }
+
     pub(crate) fn clear(&mut self) {
-        self.slots.fill(Slot::default());
+        self.tags.fill(0);
+        if !self.is_direct() {
+            self.aux.fill(0);
+            self.door = Door::default();
+        }
         self.resident = 0;
+    }
+
+    /// Recency key of an occupied slot: smaller = more recently used.
+    fn age_rank(&self, i: usize) -> u64 {
+        if self.is_direct() {
+            u64::MAX - self.aux[i]
+        } else {
+            Self::sa_distance(self.tags[i], self.last_generation)
+        }
     }
 
     pub(crate) fn resize(&mut self, budget_bytes: u64) -> Result<(), CacheError> {
@@ -326,63 +460,55 @@ impl Inner {
         let old_pages = self.budget_bytes / PAGE_SIZE_U64;
         let new_pages = budget_bytes / PAGE_SIZE_U64;
         if new_pages == old_pages {
-            // Same page count: same (or an equally good) geometry; no-op.
+            // Same page count: same geometry; no-op.
             self.budget_bytes = budget_bytes;
             return Ok(());
         }
-        // Resident slots, most recently used first (stable: ties keep slot order).
+        // Occupied slots, most recently used first (stable: ties keep slot order).
         let mut order: Vec<(u64, usize)> = Vec::new();
         order
             .try_reserve_exact(self.resident)
             .map_err(|_| alloc_error(budget_bytes, canonical))?;
         order.extend(
-            self.slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.tag != 0)
-                .map(|(i, s)| (s.stamp, i)),
+            (0..self.tags.len())
+                .filter(|&i| self.tags[i] != 0)
+                .map(|i| (self.age_rank(i), i)),
         );
-        order.sort_by_key(|o| core::cmp::Reverse(o.0));
+        order.sort_by_key(|o| o.0);
 
         let geom = if new_pages > old_pages {
             self.grow_geometry(canonical, new_pages, &order)
-                .ok_or(alloc_error(budget_bytes, canonical))?
+                .ok_or_else(|| alloc_error(budget_bytes, canonical))?
         } else {
             canonical
         };
-        let (mut slots, mut data) = Self::alloc(budget_bytes, geom)?;
+        let (mut tags, mut aux, mut data) = Self::alloc(budget_bytes, geom)?;
         let mask = geom.sets as u64 - 1;
         let mut kept = 0usize;
         for &(_, old) in &order {
-            let s = self.slots[old];
-            let set = self.set_index_with(s.tag - 1, mask);
-            let base = set * geom.ways;
-            if let Some(free) = slots[base..base + geom.ways]
-                .iter()
-                .position(|n| n.tag == 0)
-            {
-                slots[base + free] = s;
-                data[base + free].copy_from_slice(&self.data[old]);
+            let pn = self.key_of(self.tags[old]) - 1;
+            let base = self.set_with(pn, mask) * geom.ways;
+            if let Some(free) = tags[base..base + geom.ways].iter().position(|&t| t == 0) {
+                let new = base + free;
+                tags[new] = self.tags[old];
+                if self.is_direct() {
+                    aux[new] = self.aux[old];
+                }
+                data[new].copy_from_slice(&self.data[old]);
                 kept += 1;
             }
         }
         let dropped = self.resident - kept;
         self.stats.evictions = self.stats.evictions.wrapping_add(dropped as u64);
-        self.slots = slots;
+        self.tags = tags;
+        self.aux = aux;
         self.data = data;
+        self.door = Door::default();
         self.geom = geom;
         self.set_mask = mask;
         self.resident = kept;
         self.budget_bytes = budget_bytes;
         Ok(())
-    }
-
-    fn set_index_with(&self, page_number: u64, mask: u64) -> usize {
-        let h = match self.policy {
-            Policy::DirectMapped => page_number,
-            Policy::SetAssociative { .. } => set_hash(page_number),
-        };
-        (h & mask) as usize
     }
 
     /// Geometry for growing to `new_pages`: the canonical one if every
@@ -398,36 +524,30 @@ impl Inner {
         order: &[(u64, usize)],
     ) -> Option<Geometry> {
         let new_pages = usize::try_from(new_pages).ok()?;
-        let current_sets = self.geom.sets;
-        if canonical.sets <= current_sets {
-            // Direct-mapped always lands here or splits exactly; for
-            // set-associative this keeps the sets and widens them.
-            let sets = canonical.sets.max(current_sets).min(new_pages);
-            return Some(Geometry {
-                sets,
-                ways: new_pages / sets,
-            });
-        }
-        if matches!(self.policy, Policy::DirectMapped) {
+        if self.is_direct() {
             // Slot = page number mod a power of two: pages in distinct old
             // slots stay in distinct new slots.
             return Some(canonical);
         }
+        let current_sets = self.geom.sets;
         let mut sets = canonical.sets;
-        let mut counts: Vec<u32> = try_filled(sets, 0u32)?;
-        while sets > current_sets {
-            let ways = new_pages / sets;
-            counts[..sets].fill(0);
-            let mask = sets as u64 - 1;
-            let fits = order.iter().all(|&(_, i)| {
-                let c = &mut counts[self.set_index_with(self.slots[i].tag - 1, mask)];
-                *c += 1;
-                (*c as usize) <= ways
-            });
-            if fits {
-                return Some(Geometry { sets, ways });
+        if sets > current_sets {
+            let mut counts: Vec<u32> = try_filled(sets, 0u32)?;
+            while sets > current_sets {
+                let ways = new_pages / sets;
+                counts[..sets].fill(0);
+                let mask = sets as u64 - 1;
+                let fits = order.iter().all(|&(_, i)| {
+                    let pn = self.key_of(self.tags[i]) - 1;
+                    let c = &mut counts[self.set_with(pn, mask)];
+                    *c += 1;
+                    (*c as usize) <= ways
+                });
+                if fits {
+                    return Some(Geometry { sets, ways });
+                }
+                sets /= 2;
             }
-            sets /= 2;
         }
         Some(Geometry {
             sets: current_sets,
@@ -436,9 +556,9 @@ impl Inner {
     }
 }
 
-/// Slot tag of an address: page number + 1 (low 12 bits ignored).
+/// Page number of an address (low 12 bits ignored); `< 2^52`, so `+ 1`
+/// cannot overflow.
 #[inline]
-fn tag_of(addr: u64) -> u64 {
-    // addr / 4096 < 2^52, so + 1 cannot overflow.
-    addr / PAGE_SIZE_U64 + 1
+fn page_number(addr: u64) -> u64 {
+    addr / PAGE_SIZE_U64
 }
