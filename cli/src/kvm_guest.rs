@@ -131,6 +131,14 @@ mod imp {
             dirty_rate: args.dirty_rate,
             workload: Workload {
                 seed: args.seed,
+                // `--workload hotset` (the default): the counter sweep cycles
+                // over 1/8 of each vCPU's data, re-dirtying it every pass;
+                // any other workload sweeps all of it.
+                hot_percent: if args.workload == precopy_engine::Workload::HotSet {
+                    12
+                } else {
+                    100
+                },
                 ..Workload::default()
             },
             ..KvmConfig::default()
@@ -177,9 +185,14 @@ mod imp {
         };
         if !args.json {
             eprintln!(
-                "migrating a {} MiB KVM guest ({} vCPUs, dirty rate {}) to {uri}",
+                "migrating a {} MiB KVM guest ({} vCPUs, {} sweep, dirty rate {}) to {uri}",
                 args.mem >> 20,
                 args.vcpus,
+                if args.workload == precopy_engine::Workload::HotSet {
+                    "hot-set"
+                } else {
+                    "whole-RAM"
+                },
                 if args.dirty_rate == 0 {
                     "unpaced".to_owned()
                 } else {

@@ -86,7 +86,7 @@ pub fn image_digest(image: &RamImage) -> String {
     let mut h = blake3::Hasher::new();
     for b in image.blocks() {
         digest_block_header(&mut h, b.name(), b.len());
-        h.update(b.data());
+        h.update_rayon(b.data());
     }
     h.finalize().to_hex().to_string()
 }

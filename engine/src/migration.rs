@@ -904,6 +904,18 @@ impl Source<'_> {
         }
         self.dirty_pages = total;
         self.sync_count += 1;
+        if std::env::var_os("PRECOPY_TRACE").is_some() {
+            eprintln!(
+                "trace: sync {} at {:.3}s dirty {} new {} sent {} threshold {} throttle {}",
+                self.sync_count,
+                self.start.elapsed().as_secs_f64(),
+                total,
+                newly,
+                self.w.bytes_written(),
+                self.threshold,
+                self.throttle
+            );
+        }
         self.period_dirty += newly;
         self.synced_clean = true;
         let now = Instant::now();
@@ -1184,7 +1196,10 @@ impl Source<'_> {
         self.check_cancel()?;
         self.sync()?;
         self.w.begin_ram_complete()?;
-        while !self.send_some(true)? {}
+        // The cursor may be mid-bitmap (a sync happened mid-pass), so one sweep to the end
+        // can miss pages before it: go round until no dirty page is left (QEMU
+        // ram_save_complete loops until ram_find_and_save_block finds nothing).
+        while !self.send_some(true)? || self.dirty_pages > 0 {}
         self.w.end_ram_section()?;
         for (name, instance, version, payload) in self.guest.device_states()? {
             self.w
@@ -1214,13 +1229,20 @@ impl Source<'_> {
 /// block in order, the u8 name length, the name, the be64 used length, then the block's
 /// bytes. Returned as lowercase hex.
 pub fn ram_digest(guest: &dyn Guest, blocks: &[RamBlockInfo]) -> Result<String, GuestError> {
+    const CHUNK_PAGES: usize = 512;
     let mut h = blake3::Hasher::new();
-    let mut page = [0u8; PAGE_SIZE];
+    let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
     for (i, b) in blocks.iter().enumerate() {
         digest_block_header(&mut h, &b.name, b.used_length);
-        for p in 0..b.pages() {
-            guest.read_page(i, p, &mut page)?;
-            h.update(&page);
+        let mut p = 0;
+        while p < b.pages() {
+            let n = (b.pages() - p).min(CHUNK_PAGES as u64) as usize;
+            for (k, chunk) in buf[..n * PAGE_SIZE].chunks_exact_mut(PAGE_SIZE).enumerate() {
+                let page: &mut Page = chunk.try_into().expect("page-sized chunk");
+                guest.read_page(i, p + k as u64, page)?;
+            }
+            h.update_rayon(&buf[..n * PAGE_SIZE]);
+            p += n as u64;
         }
     }
     Ok(h.finalize().to_hex().to_string())
