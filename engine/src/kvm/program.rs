@@ -16,7 +16,8 @@
 //! # What one round does (all stores are 32-bit)
 //!
 //! 1. **Counter sweep** (page-stride stores): for `K` pages, starting at
-//!    the sweep cursor and stepping `STRIDE` pages (wrapping), increment
+//!    the sweep cursor and stepping `STRIDE` pages (wrapping at
+//!    `SWEEP_LIMIT`, the hot set), increment
 //!    word 0 of the page and decrement word 1023 (its last word).
 //! 2. **Cache-line rewrite**: one xorshift32-chosen page, one of its lines
 //!    1..=32, gets 16 new words; word 1023 absorbs the difference.
@@ -92,6 +93,9 @@ pub mod mailbox {
     pub const SCAN_COUNTDOWN: u64 = 52;
     /// The sum that was found when a check failed.
     pub const FAIL_VALUE: u64 = 56;
+    /// Pages the counter sweep cycles over (the hot set: the first
+    /// `SWEEP_LIMIT` pages of the region).
+    pub const SWEEP_LIMIT: u64 = 60;
 }
 
 /// How the guest program dirties memory.
@@ -100,10 +104,13 @@ pub struct Workload {
     /// Pages incremented per round by the counter sweep (1..=4096).
     pub sweep_pages: u32,
     /// Sweep stride in pages (≥ 1); raised to the next value coprime with
-    /// the region's page count, so the sweep visits every page.
+    /// the hot set's page count, so the sweep visits every page.
     pub stride: u32,
     /// Rounds between full scans of the region (0 = never).
     pub scan_interval: u32,
+    /// Share of the region (1..=100 %) the counter sweep cycles over: a hot
+    /// set that is re-dirtied every pass (100 = the whole region).
+    pub hot_percent: u8,
     /// Seed of the guest's xorshift32 generator, sweep start and prefill.
     pub seed: u64,
     /// Share of data pages (0..=100 %) the host fills with seeded
@@ -118,6 +125,7 @@ impl Default for Workload {
             sweep_pages: 32,
             stride: 7,
             scan_interval: 256,
+            hot_percent: 100,
             seed: 0x5eed,
             prefill_percent: 75,
         }
@@ -182,10 +190,11 @@ pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(
         || workload.sweep_pages > 4096
         || workload.stride == 0
         || workload.prefill_percent > 100
+        || !(1..=100).contains(&workload.hot_percent)
     {
         return Err(KvmError::Config(format!(
             "workload {workload:?}: sweep_pages must be 1..=4096, stride ≥ 1, \
-             prefill_percent ≤ 100"
+             prefill_percent ≤ 100, hot_percent 1..=100"
         )));
     }
     let gdt: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
@@ -196,8 +205,9 @@ pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(
         let (base, pages) = region(ram.size(), vcpus, index);
         // A stride sharing a factor with the region's length would confine
         // the sweep to a fraction of the pages: take the next coprime one.
-        let mut stride = (u64::from(workload.stride) % pages).max(1);
-        while gcd(stride, pages) != 1 {
+        let hot = (pages * u64::from(workload.hot_percent) / 100).max(1);
+        let mut stride = (u64::from(workload.stride) % hot).max(1);
+        while gcd(stride, hot) != 1 {
             stride += 1;
         }
         let mut rng = splitmix(workload.seed ^ (index as u64).wrapping_mul(0x9e37_79b9));
@@ -214,7 +224,7 @@ pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(
             (mailbox::RNG, rng32),
             (mailbox::BASE, base as u32),
             (mailbox::PAGES, pages as u32),
-            (mailbox::SWEEP, (rng % pages) as u32),
+            (mailbox::SWEEP, (rng % hot) as u32),
             (mailbox::VERIFY, 0),
             (mailbox::SCANS, 0),
             (mailbox::FAILED_ADDR, 0),
@@ -223,6 +233,7 @@ pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(
             (mailbox::SCAN_INTERVAL, workload.scan_interval),
             (mailbox::SCAN_COUNTDOWN, workload.scan_interval.max(1)),
             (mailbox::FAIL_VALUE, 0),
+            (mailbox::SWEEP_LIMIT, hot as u32),
         ];
         for (off, v) in fields {
             ram.write_u32(mb + off, v)?;
@@ -393,9 +404,9 @@ fn build() -> Result<Vec<u8>, IcedError> {
     a.dec(dword_ptr(edi + 4092))?;
     a.inc(mb(mailbox::TOTAL))?;
     a.add(eax, mb(mailbox::STRIDE))?;
-    a.cmp(eax, mb(mailbox::PAGES))?;
+    a.cmp(eax, mb(mailbox::SWEEP_LIMIT))?;
     a.jb(nowrap)?;
-    a.sub(eax, mb(mailbox::PAGES))?;
+    a.sub(eax, mb(mailbox::SWEEP_LIMIT))?;
     a.set_label(&mut nowrap)?;
     a.dec(ecx)?;
     a.jnz(sweep)?;
