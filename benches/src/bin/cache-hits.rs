@@ -22,7 +22,8 @@
 //! * `scan`: each pass rewrites one contiguous region, larger than every cache.
 //! * `mix`: the zipf hot set plus a scan of a separate region in every pass.
 //!
-//! `--trace FILE` (repeatable) adds rows for any file in the page-trace
+//! `--check` exits with an error if the default policy has fewer hits than
+//! direct-mapped on any row (CI runs it). `--trace FILE` (repeatable) adds rows for any file in the page-trace
 //! format, named by its path. `--dump DIR` writes the synthetic traces there
 //! (as `zipf.txt`, ...) in that format and exits.
 
@@ -37,15 +38,20 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 const FRACTIONS: [f64; 3] = [0.125, 0.25, 0.5];
 const P: u64 = PAGE_SIZE as u64;
 
+/// Every policy measured; always includes `Policy::default()`.
 fn policies() -> Vec<Policy> {
-    vec![
+    let mut v = vec![
         Policy::DirectMapped,
         Policy::SetAssociative { ways: 1 },
         Policy::SetAssociative { ways: 2 },
         Policy::SetAssociative { ways: 4 },
         Policy::SetAssociative { ways: 8 },
         Policy::SetAssociative { ways: 16 },
-    ]
+    ];
+    if !v.contains(&Policy::default()) {
+        v.push(Policy::default());
+    }
+    v
 }
 
 fn vectors_trace() -> Result<PathBuf, String> {
@@ -183,6 +189,7 @@ fn synthetic(name: &str) -> PageTrace {
 fn main() -> ExitCode {
     let mut extra = Vec::new();
     let mut dump = None;
+    let mut check = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -193,8 +200,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             },
+            "--check" => check = true,
             "-h" | "--help" => {
-                eprintln!("usage: cache-hits [--trace FILE]...");
+                eprintln!("usage: cache-hits [--trace FILE]... [--check] [--dump DIR]");
                 return ExitCode::SUCCESS;
             }
             "--dump" => match args.next() {
@@ -214,7 +222,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    match run(extra, dump) {
+    match run(extra, dump, check) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");
@@ -223,7 +231,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(extra: Vec<PathBuf>, dump: Option<PathBuf>) -> Result<(), String> {
+fn run(extra: Vec<PathBuf>, dump: Option<PathBuf>, check: bool) -> Result<(), String> {
     let qemu_path = vectors_trace()?;
     let qemu = load(&qemu_path)?;
     qemu_check(&qemu)?;
@@ -242,6 +250,7 @@ fn run(extra: Vec<PathBuf>, dump: Option<PathBuf>) -> Result<(), String> {
         traces.push((path.display().to_string(), t));
     }
     let default = Policy::default();
+    let mut losses = Vec::new();
     eprintln!(
         "{:<16} {:>8} {:>10} {:>8} | {}",
         "trace",
@@ -261,11 +270,18 @@ fn run(extra: Vec<PathBuf>, dump: Option<PathBuf>) -> Result<(), String> {
             let budget = pages * P;
             let mut cells = String::new();
             let mut lookups = 0;
+            let (mut dm_hits, mut default_hits) = (0, 0);
             for policy in policies() {
                 let mut cache = PageCache::new(budget, policy)
                     .map_err(|e| format!("cache-hits: {policy} at {budget} bytes: {e}"))?;
                 let r = replay(trace, &mut cache);
                 lookups = r.lookups;
+                if policy == Policy::DirectMapped {
+                    dm_hits = r.hits;
+                }
+                if policy == default {
+                    default_hits = r.hits;
+                }
                 // Fields in the documented order (serde_json's map would sort them).
                 let row = format!(
                     "{{\"trace\": {}, \"policy\": {}, \"default\": {}, \"budget_fraction\": {}, \
@@ -291,6 +307,11 @@ fn run(extra: Vec<PathBuf>, dump: Option<PathBuf>) -> Result<(), String> {
                     )
                 ));
             }
+            if default_hits < dm_hits {
+                losses.push(format!(
+                    "{name} at {fraction}: {default_hits} < {dm_hits} hits"
+                ));
+            }
             eprintln!(
                 "{:<16} {:>8} {:>9}K {:>8} | {cells}",
                 truncate(name, 16),
@@ -303,6 +324,12 @@ fn run(extra: Vec<PathBuf>, dump: Option<PathBuf>) -> Result<(), String> {
     eprintln!(
         "(* = Policy::default(); budget = fraction x working set, rounded down to 2^k pages)"
     );
+    if check && !losses.is_empty() {
+        return Err(format!(
+            "cache-hits --check: the default policy lost to direct-mapped: {}",
+            losses.join("; ")
+        ));
+    }
     Ok(())
 }
 
