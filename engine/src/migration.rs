@@ -1184,6 +1184,13 @@ impl Source<'_> {
             }
             if self.w.rate_limit_exceeded() {
                 self.w.wait_for_rate_limit()?;
+                // A new rate-limit slice starts now: estimate over the slice that ended, so
+                // the period holds exactly one slice's budget (QEMU does both at
+                // iteration_start_time).
+                let now = Instant::now();
+                if now - self.est_start >= ESTIMATE_PERIOD / 2 {
+                    self.update_counters(now);
+                }
             }
         }
     }
