@@ -28,6 +28,19 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
 fi
 cargo fuzz --version
 
+# Fail, rather than pass, when a SIMD backend this CPU has did not run.
+if [ -z "${XBZRLE_REQUIRE_BACKENDS:-}" ] && [ "$(uname -m)" = x86_64 ]; then
+    req=sse2
+    flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
+    if grep -qw avx2 <<<"$flags"; then req+=,avx2; fi
+    if grep -qw avx512f <<<"$flags" && grep -qw avx512bw <<<"$flags"; then req+=,avx512bw; fi
+    export XBZRLE_REQUIRE_BACKENDS=$req
+fi
+echo "XBZRLE_REQUIRE_BACKENDS=${XBZRLE_REQUIRE_BACKENDS:-}"
+
+step "seed checks (stable cargo test of fuzz/src/lib.rs)"
+cargo test --manifest-path fuzz/Cargo.toml
+
 targets=${FUZZ_TARGETS:-$(cargo +nightly fuzz list)}
 echo "targets: $(echo $targets)"
 
@@ -83,6 +96,7 @@ for t in $targets; do
             od -An -tx1 -v "$a" | head -n 64
         done
     fi
+    grep -m1 'xbzrle backends fuzzed' "$log" || true
     line=$(printf '%-20s %-16s executions=%-10s exec/s=%-8s cov=%-6s corpus=%-6s %ss' \
         "$t" "$res" "${execs:-?}" "${rate:-?}" "${cov:-?}" "$corp" "$took")
     echo "$line"

@@ -1,14 +1,20 @@
-//! Arbitrary (old, new, output length): every encoder backend gives the
-//! bytes of `xbzrle::reference::encode` and the same overflow decision, and
-//! never writes past the output length (guard bytes after the buffer stay
-//! intact; ASan flags writes past the allocation).
+//! Arbitrary (old, new, output length): every encoder backend, and the
+//! front door, give the bytes of `xbzrle::reference::encode` and the same
+//! overflow decision, and never write past the output length (guard bytes
+//! after the buffer stay intact; ASan flags writes past the allocation).
+//! `encode_and_update` agrees too and leaves the cache copy equal to `new`
+//! on `Ok` and on overflow.
 //!
 //! Input: the page-pair layout of `precopy_fuzz`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use precopy_fuzz::{GUARD, GUARD_BYTE, for_each_encoder, page_pair};
-use xbzrle::PAGE_SIZE;
+use precopy_fuzz::{GUARD, GUARD_BYTE, codecs, page_pair};
+use xbzrle::{EncodeError, PAGE_SIZE};
+
+fn guard_ok(buf: &[u8], out_len: usize) -> bool {
+    buf[out_len..].iter().all(|&b| b == GUARD_BYTE)
+}
 
 fuzz_target!(|data: &[u8]| {
     let pair = page_pair(data);
@@ -24,32 +30,57 @@ fuzz_target!(|data: &[u8]| {
         canonical <= out_len,
         "reference overflow decision"
     );
-    if let Ok(n) = want {
-        assert_eq!(n, canonical);
-        assert_eq!(&want_buf[..n], &big[..n]);
+    match want {
+        Ok(n) => assert!(
+            n == canonical && want_buf[..n] == big[..n],
+            "reference not deterministic"
+        ),
+        Err(e) => assert_eq!(e, EncodeError::Overflow),
     }
-    assert!(
-        want_buf[out_len..].iter().all(|&b| b == GUARD_BYTE),
-        "reference wrote past out_len"
-    );
+    assert!(guard_ok(&want_buf, out_len), "reference wrote past out_len");
 
-    for_each_encoder(|name, encode| {
-        let mut buf = vec![GUARD_BYTE; out_len + GUARD];
-        let got = encode(&pair.old, &pair.new, &mut buf[..out_len]);
+    let check = |name: &str, got: Result<usize, EncodeError>, buf: &[u8]| {
         assert_eq!(
             got, want,
             "{name}: result differs from reference (out_len {out_len}, canonical {canonical})"
         );
         if let Ok(n) = got {
-            assert_eq!(
-                &buf[..n],
-                &want_buf[..n],
+            assert!(
+                buf[..n] == want_buf[..n],
                 "{name}: delta bytes differ from reference"
             );
         }
         assert!(
-            buf[out_len..].iter().all(|&b| b == GUARD_BYTE),
+            guard_ok(buf, out_len),
             "{name}: wrote past out_len {out_len}"
         );
-    });
+    };
+
+    let mut buf = vec![GUARD_BYTE; out_len + GUARD];
+    check(
+        "xbzrle::encode",
+        xbzrle::encode(&pair.old, &pair.new, &mut buf[..out_len]),
+        &buf,
+    );
+
+    for codec in codecs() {
+        let name = codec.backend().name();
+        let mut buf = vec![GUARD_BYTE; out_len + GUARD];
+        check(
+            name,
+            codec.encode(&pair.old, &pair.new, &mut buf[..out_len]),
+            &buf,
+        );
+
+        // The cache copy holds `new` in every case, overflow included
+        // (QEMU then sends the page whole, and the cache must match it).
+        let mut cached = pair.old.clone();
+        let mut buf = vec![GUARD_BYTE; out_len + GUARD];
+        let got = codec.encode_and_update(&mut cached, &pair.new, &mut buf[..out_len]);
+        check(&format!("{name} encode_and_update"), got, &buf);
+        assert!(
+            cached[..] == pair.new[..],
+            "{name}: encode_and_update left the cache != new"
+        );
+    }
 });

@@ -116,10 +116,123 @@ def write(target, name, data):
         f.write(data)
 
 
+def ram_records(buf, pos):
+    """Walks ram records from pos up to and including EOS; yields
+    (start, end, flags, addr)."""
+    while True:
+        hdr, = struct.unpack_from(">Q", buf, pos)
+        flags, addr, p = hdr & 0xFFF, hdr & ~0xFFF, pos + 8
+        if not flags & 0x20 and flags & (0x02 | 0x08 | 0x40):
+            p += 1 + buf[p]
+        if flags & 0x02:
+            p += 1
+        elif flags & 0x08:
+            p += PAGE
+        elif flags & 0x40:
+            p += 3 + struct.unpack_from(">H", buf, p + 1)[0]
+        elif flags & 0x10:
+            yield pos, p, flags, addr
+            return
+        elif flags & 0x04:
+            sum_len = 0
+            while sum_len < addr:
+                n = buf[p]
+                sum_len += struct.unpack_from(">Q", buf, p + 1 + n)[0]
+                p += 1 + n + 8
+        else:
+            raise ValueError("unexpected ram flags %#x at %d" % (flags, pos))
+        yield pos, p, flags, addr
+        pos = p
+
+
+def readdress(rec, addr):
+    """A CONTINUE page record with its page address replaced."""
+    hdr, = struct.unpack_from(">Q", rec, 0)
+    return struct.pack(">Q", addr | (hdr & 0xFFF)) + rec[8:]
+
+
+def stream_seeds(vdir):
+    """Stream prefixes and real records, re-framed into small streams.
+
+    Real bytes: the file header, configuration and MEM_SIZE block list of
+    xbzrle-stream.bin, its first page records, real XBZRLE records (moved to
+    pages inside a shrunk pc.ram so the 2 MiB loader limit accepts them),
+    and the first bytes of the first device section (a foreign section).
+    """
+    idx = [l.split("\t") for l in lzma.open(os.path.join(vdir, "xbzrle-vectors-index.tsv.xz"), "rt").read().splitlines()[1:]]
+    last = int(idx[40][3]) + 8 + 3 + int(idx[40][7])
+    x = lzma.open(os.path.join(vdir, "xbzrle-stream.bin.xz"))
+    head = x.read(300000)
+    x.seek(int(idx[0][3]))
+    xb = x.read(last - int(idx[0][3]))
+    x.seek(72143688)  # first device section (README: SECTION_FULL 'timer')
+    device = x.read(256)
+    plain = lzma.open(os.path.join(vdir, "plain-stream.bin.xz")).read(8192)
+
+    assert head[:4] == b"QEVM"
+    start_sec = 0x1A  # after magic, version, configuration
+    assert head[start_sec] == 0x01
+    mem_at = start_sec + 17
+    recs = list(ram_records(head, mem_at))
+    mem_start, mem_end, _, total = recs[0]
+    eos_end = recs[-1][1]
+    footer = head[eos_end : eos_end + 5]
+    assert footer[0] == 0x7E
+    part = head[eos_end + 5 : eos_end + 10]
+    assert part[0] == 0x02
+    first = []
+    for r in ram_records(head, eos_end + 10):
+        first.append(r)
+        if len(first) == 16:
+            break
+    pages = head[first[0][0] : first[-1][1]]
+
+    # MEM_SIZE with pc.ram shrunk to 512 KiB (the other blocks as sent)
+    blocks, p = [], mem_start + 8
+    while p < mem_end:
+        n = head[p]
+        name = head[p + 1 : p + 1 + n]
+        length, = struct.unpack_from(">Q", head, p + 1 + n)
+        blocks.append((name, 0x80000 if name == b"pc.ram" else length))
+        p += 1 + n + 8
+    small_total = sum(l for _, l in blocks)
+    mem_size = struct.pack(">Q", small_total | 0x04) + b"".join(
+        bytes([len(n)]) + n + struct.pack(">Q", l) for n, l in blocks
+    )
+    eos = struct.pack(">Q", 0x10)
+    prefix = head[:mem_start] + mem_size + eos + footer
+    real_prefix = head[:eos_end] + footer
+
+    xrecs = []
+    for k, row in enumerate(idx[:41]):
+        at = int(row[3]) - int(idx[0][3])
+        assert row[6] == "0", "named XBZRLE record in the selection"
+        rec = xb[at : at + 8 + 3 + int(row[7])]
+        assert struct.unpack_from(">Q", rec)[0] & 0xFFF == 0x60
+        xrecs.append(readdress(rec, (k * 0x3000) % 0x80000))
+    sec_id = part[1:5]
+    vmdesc = b'{"page_size":4096,"devices":[]}'
+    small = (
+        prefix + part + pages + eos + footer
+        + part + b"".join(xrecs[:30]) + eos + footer
+        + b"\x03" + sec_id + b"".join(xrecs[30:]) + eos + footer
+        + b"\x00\x06" + struct.pack(">I", len(vmdesc)) + vmdesc
+    )
+    foreign = prefix + part + pages + eos + footer + part + b"".join(xrecs[:8]) + eos + footer + device
+    for target in ("stream_records", "stream_load"):
+        write(target, "qemu-small-ram-xbzrle", b"\x00" + small)
+        write(target, "qemu-small-ram-xbzrle-pieces", b"\x07" + small)
+        write(target, "qemu-foreign-section", b"\x02" + foreign)
+        write(target, "qemu-prefix-4k", b"\x1f" + head[:4096])
+        write(target, "plain-prefix-8k", b"\x3f" + plain)
+    write("stream_records", "qemu-real-mem-size", b"\x05" + real_prefix + part + pages)
+
+
 def main():
     records = list(read_vectors(vectors_dir()))
     assert len(records) == 9349, len(records)
-    for t in ("xbzrle_decode", "xbzrle_encode_diff", "xbzrle_roundtrip", "zero_diff"):
+    for t in ("xbzrle_decode", "xbzrle_encode_diff", "xbzrle_roundtrip", "zero_diff",
+              "stream_records", "stream_load"):
         shutil.rmtree(os.path.join(HERE, t), ignore_errors=True)
 
     for i, why in select(records):
@@ -168,6 +281,8 @@ def main():
             if length:
                 for at, tag in ((0, "first"), (length // 2, "mid"), (length - 1, "last")):
                     write("zero_diff", "zero-%d-a%d-%s" % (length, align, tag), hdr + struct.pack("<HB", at, 1))
+
+    stream_seeds(vectors_dir())
 
     total = 0
     for dirpath, _, files in os.walk(HERE):

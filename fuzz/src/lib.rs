@@ -32,7 +32,9 @@
 //! A zeroed buffer of `len % (2 * PAGE_SIZE + 1)` bytes starting `align % 64`
 //! bytes past a 64-byte boundary, with `value` stored at `pos % len`.
 
-use xbzrle::{PAGE_SIZE, Page};
+use std::sync::OnceLock;
+
+use xbzrle::{Backend, Codec, PAGE_SIZE, Page};
 
 /// Output lengths without the boundary flag are taken modulo this. The
 /// longest canonical delta (every other byte changed) is 6143 bytes, so
@@ -161,17 +163,120 @@ pub fn naive_is_zero(buf: &[u8]) -> bool {
     buf.iter().all(|&b| b == 0)
 }
 
-/// Encoder entry point shape shared by every backend.
-pub type EncodeFn<'a> = &'a dyn Fn(&Page, &Page, &mut [u8]) -> Result<usize, xbzrle::EncodeError>;
-
-/// Calls `f(name, encode)` for the crate's front-door encoder and for every
-/// backend this CPU can run.
-pub fn for_each_encoder(mut f: impl FnMut(&str, EncodeFn<'_>)) {
-    f("dispatch", &xbzrle::encode);
+/// A codec per backend this CPU runs (scalar first), detected once.
+///
+/// On first use prints the backends to stderr (so the fuzz log shows what
+/// ran) and panics if `XBZRLE_REQUIRE_BACKENDS` (comma-separated names such
+/// as `avx2,avx512bw`) names one that is not available: a fuzz run that
+/// silently skipped the SIMD code must not pass.
+pub fn codecs() -> &'static [Codec] {
+    static CODECS: OnceLock<Vec<Codec>> = OnceLock::new();
+    CODECS.get_or_init(|| {
+        let codecs: Vec<Codec> = Backend::available()
+            .map(|b| Codec::with_backend(b).expect("available backend"))
+            .collect();
+        let names: Vec<&str> = codecs.iter().map(|c| c.backend().name()).collect();
+        eprintln!("xbzrle backends fuzzed: {}", names.join(","));
+        if let Ok(req) = std::env::var("XBZRLE_REQUIRE_BACKENDS") {
+            for want in req.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                assert!(
+                    names.contains(&want),
+                    "XBZRLE_REQUIRE_BACKENDS wants {want:?}; this CPU runs {names:?}"
+                );
+            }
+        }
+        codecs
+    })
 }
 
-/// Calls `f(name, is_zero)` for the crate's front-door page zero test and
-/// for every backend this CPU can run.
-pub fn for_each_page_zero(mut f: impl FnMut(&str, &dyn Fn(&Page) -> bool)) {
-    f("dispatch", &|p: &Page| xbzrle::is_zero(p));
+/// Reader limits for the stream targets: small, so a hostile MEM_SIZE or
+/// length field is refused instead of allocating (the fuzz run also caps
+/// any single allocation with `-malloc_limit_mb`).
+pub fn stream_limits() -> precopy_stream::Limits {
+    precopy_stream::Limits {
+        max_ram_bytes: 2 << 20,
+        max_blocks: 16,
+        max_device_state_bytes: 64 << 10,
+        max_vm_description_bytes: 64 << 10,
+    }
+}
+
+/// An `io::Read` that hands out at most `chunk` bytes per call, so the
+/// stream reader's refill path sees records split at every position.
+pub struct ChunkedReader<'a> {
+    /// Bytes not yet read.
+    pub rest: &'a [u8],
+    /// Largest read.
+    pub chunk: usize,
+}
+
+impl std::io::Read for ChunkedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.chunk.min(buf.len()).min(self.rest.len());
+        buf[..n].copy_from_slice(&self.rest[..n]);
+        self.rest = &self.rest[n..];
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The committed seeds still mean what `seeds/generate.py` says, so a
+    //! format change that makes them useless is noticed.
+    use super::*;
+    use precopy_stream::{StopReason, load};
+
+    fn seed(target: &str, name: &str) -> Vec<u8> {
+        let path = format!("{}/seeds/{target}/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn small_ram_stream_seed_loads_every_real_xbzrle_record() {
+        let s = seed("stream_load", "qemu-small-ram-xbzrle");
+        let l = load(&s[1..], stream_limits()).expect("seed loads");
+        assert_eq!(l.stats.xbzrle.count, 41);
+        assert_eq!(l.stats.page.count + l.stats.zero.count, 16);
+        assert_eq!(l.machine_type.as_deref(), Some("pc-i440fx-7.2"));
+        assert!(matches!(
+            l.stop,
+            StopReason::EndOfStream {
+                vm_description: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn foreign_section_seed_stops_at_qemu_timer_section() {
+        let s = seed("stream_load", "qemu-foreign-section");
+        let l = load(&s[1..], stream_limits()).expect("seed loads");
+        assert_eq!(l.stats.xbzrle.count, 8);
+        match l.stop {
+            StopReason::ForeignSection { name, .. } => assert_eq!(name, "timer"),
+            other => panic!("stopped with {other:?}"),
+        }
+    }
+
+    #[test]
+    fn page_pair_seeds_keep_real_overflow_decisions() {
+        // qemu-0045 is a 4048-byte delta: fits a page, but not 4040 bytes.
+        let pp = page_pair(&seed("xbzrle_encode_diff", "qemu-0045-len4048"));
+        let mut out = vec![0u8; 2 * PAGE_SIZE];
+        assert_eq!(
+            xbzrle::reference::encode(&pp.old, &pp.new, &mut out),
+            Ok(4048)
+        );
+        assert_eq!(pp.out_len, OutLen::Fixed(PAGE_SIZE));
+        let edge = page_pair(&seed("xbzrle_encode_diff", "qemu-0045-len4048-edge"));
+        assert_eq!(edge.out_len.resolve(4048), 4047);
+    }
+
+    #[test]
+    fn zero_buf_places_bytes_and_alignment() {
+        let (store, start, len) = zero_buf(&[0x00, 0x10, 7, 0xff, 0x0f, 1]);
+        assert_eq!((len, (store.as_ptr() as usize + start) % 64), (4096, 7));
+        assert!(store[start..start + len - 1].iter().all(|&b| b == 0));
+        assert_eq!(store[start + len - 1], 1);
+    }
 }
