@@ -19,8 +19,12 @@
 //! pages visited in a random permutation, so a page comes back only after
 //! 1 GiB of other traffic (this CPU's L3 is 260 MiB); decode deltas come
 //! from a small hot pool, as freshly received data would. Each number is the
-//! median over repetitions; limit and operation alternate repetitions so
-//! machine noise hits both alike.
+//! median over repetitions; limit and operation alternate short
+//! repetitions (32 pages cold) so machine noise, such as other processes
+//! competing for DRAM bandwidth, hits both alike.
+//!
+//! `LIMITS_FILTER=encode/avx512bw` runs only the rows whose
+//! `op/backend/workload/cache` contains the string.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -101,6 +105,21 @@ fn measure(
         lt.push(per_item(&next(), &mut limit));
         ot.push(per_item(&next(), &mut op));
     }
+    if want && std::env::var_os("LIMITS_DEBUG").is_some() {
+        let q = |mut v: Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            let n = v.len();
+            format!(
+                "min {:.0} p25 {:.0} p50 {:.0} p75 {:.0} max {:.0}",
+                v[0],
+                v[n / 4],
+                v[n / 2],
+                v[3 * n / 4],
+                v[n - 1]
+            )
+        };
+        eprintln!("  op    {}\n  limit {}", q(ot.clone()), q(lt.clone()));
+    }
     (median(ot), median(lt))
 }
 
@@ -147,14 +166,14 @@ fn main() {
     let cfg = if quick {
         Cfg {
             reps_hot: 11,
-            reps_cold: 5,
-            chunk_cold: 512,
+            reps_cold: 41,
+            chunk_cold: 32,
         }
     } else {
         Cfg {
             reps_hot: 101,
-            reps_cold: 21,
-            chunk_cold: 2048,
+            reps_cold: 401,
+            chunk_cold: 32,
         }
     };
     let start = Instant::now();
