@@ -63,9 +63,13 @@ impl RamImage {
         let mut blocks = Vec::with_capacity(infos.len());
         for b in infos {
             let len = usize::try_from(b.used_length).map_err(|_| total)?;
-            let mut data = Vec::new();
-            data.try_reserve_exact(len).map_err(|_| total)?;
-            data.resize(len, 0);
+            // Probe that the allocation can be had (without aborting), then
+            // take zeroed memory from the allocator: for large blocks that is
+            // fresh, lazily zeroed pages, so untouched RAM costs nothing.
+            let mut probe: Vec<u8> = Vec::new();
+            probe.try_reserve_exact(len).map_err(|_| total)?;
+            drop(probe);
+            let data = vec![0u8; len];
             blocks.push(RamBlock {
                 name: b.name.clone(),
                 data,
@@ -274,6 +278,24 @@ impl Loader {
         }
     }
 
+    /// A loader that loads onto an existing RAM image, as QEMU's destination
+    /// loads onto its own RAM blocks: MEM_SIZE must then list exactly the
+    /// image's blocks (names and lengths, in order), else
+    /// [`FormatError::BadMemSize`]. Pages the stream does not send keep their
+    /// contents. An empty image behaves as [`new`](Self::new).
+    pub fn with_image(limits: Limits, image: RamImage) -> Self {
+        Loader {
+            limits,
+            image,
+            ..Loader::default()
+        }
+    }
+
+    /// Takes the RAM image out (leaving an empty one), e.g. to reuse it.
+    pub fn take_image(&mut self) -> RamImage {
+        std::mem::take(&mut self.image)
+    }
+
     /// The RAM image so far.
     pub fn image(&self) -> &RamImage {
         &self.image
@@ -392,8 +414,23 @@ impl Loader {
         };
         let named = match *rec {
             RamRecord::MemSize { ref blocks, .. } => {
-                self.image = RamImage::new(blocks, self.limits.max_ram_bytes)
-                    .map_err(|bytes| Error::Alloc { offset, bytes })?;
+                if self.image.blocks.is_empty() {
+                    self.image = RamImage::new(blocks, self.limits.max_ram_bytes)
+                        .map_err(|bytes| Error::Alloc { offset, bytes })?;
+                } else {
+                    let same = self.image.blocks.len() == blocks.len()
+                        && self.image.blocks.iter().zip(blocks).all(|(have, want)| {
+                            have.name == want.name && have.len() == want.used_length
+                        });
+                    if !same {
+                        return Err(fmt_err(
+                            offset,
+                            FormatError::BadMemSize {
+                                why: "block list does not match the destination's RAM blocks",
+                            },
+                        ));
+                    }
+                }
                 self.stats.mem_size.add(len);
                 return Ok(());
             }
@@ -410,7 +447,11 @@ impl Loader {
                 let Some(p) = self.image.page_mut(block, page) else {
                     return Err(outside(&self.image, block, page));
                 };
-                p.fill(fill);
+                // As QEMU (`ram_handle_compressed`): write only when the page
+                // is not already all `fill`, so never-touched RAM stays unmapped.
+                if fill != 0 || *p != [0u8; PAGE_SIZE] {
+                    p.fill(fill);
+                }
                 self.stats.zero.add(len);
                 named
             }

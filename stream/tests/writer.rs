@@ -370,3 +370,40 @@ proptest! {
         let _ = load(&s[..], Limits { max_ram_bytes: 1 << 24, ..Limits::default() });
     }
 }
+
+#[test]
+fn loader_onto_an_existing_image_checks_the_block_list() {
+    use precopy_stream::{Decoder, Loader, RamImage};
+    let s = small_stream();
+    let first = load(&s[..], Limits::default()).unwrap();
+    // Same blocks: loads onto it; a page not in the stream keeps its bytes.
+    let image = first.image.clone();
+    let mut reader = StreamReader::new(&s[..], Limits::default());
+    let mut loader = Loader::with_image(Limits::default(), image);
+    loader.load_from(&mut reader).unwrap();
+    assert_eq!(loader.image(), &first.image);
+    // Different blocks: refused at MEM_SIZE.
+    let other = RamImage::new(&[RamBlockInfo::new("pc.ram", 4096)], 1 << 20).unwrap();
+    let mut loader = Loader::with_image(Limits::default(), other);
+    let mut dec = Decoder::default();
+    let mut input = &s[..];
+    let err = loop {
+        let off = dec.position();
+        let (item, n) = dec.decode(input).unwrap().unwrap();
+        input = &input[n..];
+        if let Err(e) = loader.apply(off, &item, n) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(
+            err,
+            Error::Format {
+                kind: FormatError::BadMemSize { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(loader.take_image().total_bytes(), 4096);
+}
