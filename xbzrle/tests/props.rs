@@ -65,7 +65,23 @@ fn page_pair() -> impl Strategy<Value = (Box<Page>, Box<Page>)> {
         })
 }
 
+/// `PROPTEST_CASES` (default 256) normally; a handful under Miri, which
+/// interprets every byte of every page.
+fn config() -> ProptestConfig {
+    if cfg!(miri) {
+        ProptestConfig {
+            cases: 4,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    } else {
+        ProptestConfig::default()
+    }
+}
+
 proptest! {
+    #![proptest_config(config())]
+
     #[test]
     fn backends_equal_reference((old, new) in page_pair(), slack in -4isize..4, any_cap in 0usize..5000) {
         let canon = reference_delta(&old, &new).len();

@@ -10,8 +10,10 @@ fn is_zero_every_length_alignment_and_position() {
     let mut buf = vec![0u8; 4096 + 64 + 64];
     for c in codecs("is_zero_every_length_alignment_and_position") {
         let name = c.backend().name();
-        for align in 0..64 {
-            for len in (0..=300).chain([511, 512, 513, 1000, 4095, 4096, 4097, 4159]) {
+        // Miri interprets every byte: a lighter sweep there.
+        let (aligns, short) = if cfg!(miri) { (3, 70) } else { (64, 300) };
+        for align in 0..aligns {
+            for len in (0..=short).chain([511, 512, 513, 1000, 4095, 4096, 4097, 4159]) {
                 let s = &mut buf[align..align + len];
                 assert!(c.is_zero(s), "{name}: zero, align {align} len {len}");
                 let step = if len > 300 { 61 } else { 1 };
