@@ -15,7 +15,8 @@ use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use precopy_engine::{
     Capabilities, Destination, GuestRam, IncomingListener, MigrationInfo, MigrationParameters,
-    MigrationStatus, Migrator, ParameterUpdate, Received, SimConfig, SimGuest, Workload,
+    MigrationStatus, MigrationUri, Migrator, ParameterUpdate, Received, SimConfig, SimGuest,
+    Workload,
 };
 use precopy_stream::Limits;
 
@@ -328,6 +329,10 @@ pub(crate) fn same_ram(guest: &dyn GuestRam, r: &Received) -> bool {
 
 /// `precopy migrate`.
 pub(crate) fn run(args: MigrateArgs) -> ExitCode {
+    if let Some(Err(e)) = args.to.as_deref().map(str::parse::<MigrationUri>) {
+        eprintln!("precopy migrate: {e}");
+        return ExitCode::FAILURE;
+    }
     if args.guest == GuestKind::Kvm {
         return crate::kvm_guest::migrate(&args);
     }
@@ -451,9 +456,7 @@ pub(crate) fn run_incoming(args: IncomingArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if !args.json {
-        eprintln!("precopy incoming: waiting on {}", l.local_uri());
-    }
+    eprintln!("precopy incoming: waiting on {}", l.local_uri());
     let d = Destination::new();
     let r = d.accept_and_receive(l, limits);
     let ok = r.is_ok();
