@@ -931,9 +931,12 @@ impl Source<'_> {
             }
             let xp = self.c.xbzrle_pages - self.period_xbzrle_pages;
             let xb = self.c.xbzrle_bytes - self.period_xbzrle_bytes;
-            if xb > 0 {
-                self.encoding_rate = (xp * PAGE) as f64 / xb as f64;
-            }
+            // QEMU: 0 when no XBZRLE page went out in the period.
+            self.encoding_rate = if xb > 0 && xp > 0 {
+                (xp * PAGE) as f64 / xb as f64
+            } else {
+                0.0
+            };
             if self.caps.auto_converge
                 && let Some(t) =
                     self.ac
