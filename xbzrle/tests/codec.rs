@@ -149,11 +149,17 @@ fn block_boundary_runs() {
         (1, 4095),
         (100, 4000),
     ];
+    // Miri interprets every byte: three cases on one base there.
+    let (cases, bases) = if cfg!(miri) {
+        (&cases[3..6], &[ZERO][..])
+    } else {
+        (cases, &[ZERO, noise_page(7)][..])
+    };
     for c in codecs("block_boundary_runs") {
         for &(s, e) in cases {
-            for base in [ZERO, noise_page(7)] {
-                let new = changed(&base, s..e);
-                check_roundtrip(&c, &base, &new);
+            for base in bases {
+                let new = changed(base, s..e);
+                check_roundtrip(&c, base, &new);
             }
         }
         let mut out = [0u8; 64];
@@ -205,6 +211,9 @@ fn output_length_sweeps() {
     }
     pairs.push((base, dense));
 
+    if cfg!(miri) {
+        pairs.truncate(2); // Miri interprets every byte
+    }
     for c in codecs("output_length_sweeps") {
         for (old, new) in &pairs {
             let canon = reference_delta(old, new).len();

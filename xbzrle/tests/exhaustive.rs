@@ -68,6 +68,10 @@ fn two_runs_every_gap() {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "a hundred page pairs on every backend; minutes under Miri"
+)]
 fn many_runs_periodic() {
     let base = noise_page(3);
     let mut out = vec![0u8; 2 * PAGE_SIZE];
