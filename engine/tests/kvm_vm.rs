@@ -258,3 +258,32 @@ fn hot_set_confines_the_counter_sweep() {
         "{outside} pages outside the hot set after {rounds} rounds"
     );
 }
+
+/// Pure (no KVM needed): a serialized state survives a roundtrip, and every
+/// truncation or corrupted header is a typed error, never a panic.
+#[test]
+fn state_format_rejects_malformed_input() {
+    let mut s = state::VcpuState::default();
+    s.regs.rip = 0x10000;
+    s.regs.rbx = 0x1040;
+    s.fpu.fcw = 0x37f;
+    s.fpu.xmm[3][7] = 0xaa;
+    s.msrs = vec![(0x174, 8), (0x10, 123_456)];
+    let bytes = state::encode(&[s.clone(), s.clone()]);
+    assert_eq!(state::decode(&bytes).unwrap(), vec![s.clone(), s]);
+    for cut in 0..bytes.len() {
+        assert!(state::decode(&bytes[..cut]).is_err(), "truncated at {cut}");
+    }
+    let mut long = bytes.clone();
+    long.push(0);
+    assert!(state::decode(&long).is_err(), "trailing byte");
+    // Corrupt each byte of the header and of the first length fields.
+    for i in 0..40 {
+        let mut b = bytes.clone();
+        b[i] ^= 0x80;
+        if let Ok(v) = state::decode(&b) {
+            // Only bytes inside a structure may decode (to other values).
+            assert_eq!(v.len(), 2, "byte {i}");
+        }
+    }
+}
