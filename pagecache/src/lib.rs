@@ -107,8 +107,10 @@
 //! low 11 bits, and 64 bits of the admission filters. Everything is
 //! allocated, and zero-filled (so committed), when the cache is built or
 //! resized, with fallible allocation: a budget that cannot be allocated is
-//! [`CacheError::BudgetTooLarge`], never an abort. Lookups and inserts never
-//! allocate.
+//! [`CacheError::BudgetTooLarge`], never an abort. (An overcommitting OS may
+//! grant more than it can back; the zero fill then commits the memory at
+//! once, at construction, rather than in the middle of a migration.)
+//! Lookups and inserts never allocate.
 //!
 //! # Resize (QEMU's `xbzrle-cache-size` changed during a migration)
 //!
