@@ -169,7 +169,7 @@ fn inspect(args: &InspectArgs) -> Result<Report, String> {
     let mut loader = Loader::new(limits);
     loader
         .load_from(&mut reader)
-        .map_err(|e| format!("{name}: error at byte {}: {e}", e.offset()))?;
+        .map_err(|e| format!("{name}: {e}"))?;
 
     // Past QEMU's device state, the VM description is found from the end.
     let mut vm_description = loader.vm_description().map(|j| VmDescReport {
@@ -181,7 +181,7 @@ fn inspect(args: &InspectArgs) -> Result<Report, String> {
     if let Some(StopReason::ForeignSection { .. }) = loader.stop_reason() {
         let (base, rest) = reader
             .read_rest(MAX_TAIL)
-            .map_err(|e| format!("{name}: error at byte {}: {e}", e.offset()))?;
+            .map_err(|e| format!("{name}: {e}"))?;
         vm_description = find_vm_description(&rest).map(|(eof_at, json)| VmDescReport {
             offset: Some(base + eof_at as u64 + 1),
             bytes: json.len(),
@@ -201,9 +201,7 @@ fn inspect(args: &InspectArgs) -> Result<Report, String> {
             length: d.payload.len(),
         })
         .collect();
-    let loaded = loader
-        .finish()
-        .map_err(|e| format!("{name}: error at byte {}: {e}", e.offset()))?;
+    let loaded = loader.finish().map_err(|e| format!("{name}: {e}"))?;
     let s = &loaded.stats;
     let blocks = loaded
         .image
@@ -279,16 +277,27 @@ fn count_devices(json: &[u8]) -> Option<usize> {
     Some(v.get("devices")?.as_array()?.len())
 }
 
-fn print_text(r: &Report) {
-    println!("file: {} (compression: {})", r.file, r.compression);
-    println!(
+/// Appends one formatted line to a `String`.
+macro_rules! put {
+    ($o:expr, $($t:tt)*) => {{
+        $o.push_str(&format!($($t)*));
+        $o.push('\n');
+    }};
+}
+
+fn render_text(r: &Report) -> String {
+    let mut o = String::new();
+    put!(o, "file: {} (compression: {})", r.file, r.compression);
+    put!(
+        o,
         "version: {}, machine type: {}",
         r.version,
         r.machine_type
             .as_deref()
             .unwrap_or("(no configuration section)")
     );
-    println!(
+    put!(
+        o,
         "sections: ram START {}, PART {}, END {}; footers {}; precopy device sections {}",
         r.sections.ram_start,
         r.sections.ram_part,
@@ -297,7 +306,7 @@ fn print_text(r: &Report) {
         r.sections.precopy_device
     );
     let total: u64 = r.blocks.iter().map(|b| b.length).sum();
-    println!("RAM blocks: {} ({} bytes)", r.blocks.len(), total);
+    put!(o, "RAM blocks: {} ({} bytes)", r.blocks.len(), total);
     let w = r
         .blocks
         .iter()
@@ -306,9 +315,9 @@ fn print_text(r: &Report) {
         .unwrap_or(4)
         .max(4);
     for b in &r.blocks {
-        println!("  {:<w$}  {:>12}  {}", b.name, b.length, b.sha256);
+        put!(o, "  {:<w$}  {:>12}  {}", b.name, b.length, b.sha256);
     }
-    println!("records:      count         bytes");
+    put!(o, "records:      count         bytes");
     for (k, c, b) in [
         ("MEM_SIZE", r.records.mem_size, r.record_bytes.mem_size),
         ("ZERO", r.records.zero, r.record_bytes.zero),
@@ -316,20 +325,31 @@ fn print_text(r: &Report) {
         ("XBZRLE", r.records.xbzrle, r.record_bytes.xbzrle),
         ("EOS", r.records.eos, r.record_bytes.eos),
     ] {
-        println!("  {k:<8} {c:>9} {b:>13}");
+        put!(o, "  {k:<8} {c:>9} {b:>13}");
     }
-    println!(
+    put!(
+        o,
         "XBZRLE: {} pages, {} delta bytes; records with block name {}, with CONTINUE {}",
-        r.xbzrle.pages, r.xbzrle.delta_bytes, r.records_with_block_name, r.records_with_continue
+        r.xbzrle.pages,
+        r.xbzrle.delta_bytes,
+        r.records_with_block_name,
+        r.records_with_continue
     );
     for d in &r.device_states {
-        println!(
+        put!(
+            o,
             "device section {} (id {}, instance {}, version {}) at byte {}: {} bytes",
-            d.name, d.section_id, d.instance_id, d.version_id, d.offset, d.length
+            d.name,
+            d.section_id,
+            d.instance_id,
+            d.version_id,
+            d.offset,
+            d.length
         );
     }
     match &r.stopped_at.section {
-        Some(s) => println!(
+        Some(s) => put!(
+            o,
             "stopped at byte {}: {} section '{}' (id {}, instance {}, version {}): {}",
             r.stopped_at.offset,
             s.kind,
@@ -339,13 +359,16 @@ fn print_text(r: &Report) {
             s.version_id,
             r.stopped_at.reason
         ),
-        None => println!(
+        None => put!(
+            o,
             "stopped at byte {}: {}",
-            r.stopped_at.offset, r.stopped_at.reason
+            r.stopped_at.offset,
+            r.stopped_at.reason
         ),
     }
     match &r.vm_description {
-        Some(v) => println!(
+        Some(v) => put!(
+            o,
             "VM description: {} bytes{}{}, {}",
             v.bytes,
             v.offset
@@ -356,31 +379,40 @@ fn print_text(r: &Report) {
                 .unwrap_or_default(),
             v.found_by
         ),
-        None => println!("VM description: none"),
+        None => put!(o, "VM description: none"),
     }
-    println!("stream bytes read: {}", r.bytes);
+    put!(o, "stream bytes read: {}", r.bytes);
+    o
+}
+
+/// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("precopy inspect: writing the report: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 pub(crate) fn run(args: InspectArgs) -> ExitCode {
     match inspect(&args) {
-        Ok(report) => {
-            if args.json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("precopy inspect: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print_text(&report);
+        Ok(report) if args.json => match serde_json::to_string_pretty(&report) {
+            Ok(s) => emit(&(s + "\n")),
+            Err(e) => {
+                eprintln!("precopy inspect: {e}");
+                ExitCode::FAILURE
             }
-            ExitCode::SUCCESS
-        }
+        },
+        Ok(report) => emit(&render_text(&report)),
         Err(msg) => {
             eprintln!("precopy inspect: {msg}");
             if args.json {
-                println!("{}", serde_json::json!({ "error": msg }));
+                emit(&format!("{}\n", serde_json::json!({ "error": msg })));
             }
             ExitCode::FAILURE
         }

@@ -171,7 +171,7 @@ fn inspect_reports_errors_with_their_offset() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("error at byte") && err.contains("truncated"),
+        err.contains("invalid stream at byte") && err.contains("truncated"),
         "{err}"
     );
     // A ZERO record with fill byte 0x41.
@@ -187,4 +187,25 @@ fn inspect_reports_errors_with_their_offset() {
     // A missing file.
     let out = inspect(&["/nonexistent/stream.bin"], None);
     assert!(!out.status.success());
+}
+
+#[test]
+fn inspect_into_a_closed_pipe_does_not_panic() {
+    let s = our_stream();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_precopy"))
+        .args(["inspect", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run precopy");
+    drop(child.stdout.take()); // as `precopy inspect - | head -c0` would
+    child.stdin.take().unwrap().write_all(&s).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -2,7 +2,7 @@
 //! a rate-limited writer and a hardened reader.
 //!
 //! The format is QEMU 7.2's (`migration/savevm.c`, `migration/ram.c`); it is
-//! drawn in [`format`]. Our reader reads the real QEMU 7.2 streams in
+//! drawn in [`format`](mod@format). Our reader reads the real QEMU 7.2 streams in
 //! `shared/qemu-vectors` to the same RAM as QEMU's own loader, and our writer
 //! writes the same `ram` records byte for byte (same flags, same CONTINUE
 //! decisions, same XBZRLE bytes) for the same pages.
