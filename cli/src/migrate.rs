@@ -382,10 +382,11 @@ pub(crate) fn run(args: MigrateArgs) -> ExitCode {
     };
     if !args.json {
         eprintln!(
-            "migrating {} guest ({} workload, {} pages/s dirty rate) to {uri}",
+            "migrating {} guest ({} workload, {} pages/s dirty rate) to {uri} (xbzrle backend {:?})",
             mib(args.mem),
             args.workload,
-            args.dirty_rate
+            args.dirty_rate,
+            xbzrle::Codec::new().backend()
         );
     }
     if let Err(e) = m.start(&uri) {
