@@ -216,7 +216,7 @@ const BATCH: usize = 128;
 /// Two phases, interleaved in batches so the scratch stays small:
 /// 1. per block, the *transitions* (bytes where changed/unchanged flips
 ///    relative to the byte before) are appended to a ring of page offsets
-///    with a fixed, branch-free 8-way unrolled `trailing_zeros` loop. They
+///    with a fixed, branch-free 4-way unrolled `trailing_zeros` step. They
 ///    alternate: literal start, literal end, start, end, ... Unchanged
 ///    blocks outside a literal cost one compare and one predicted branch.
 /// 2. each (start, end) pair becomes one `zrun nzrun literal` through the
@@ -257,10 +257,11 @@ pub(crate) fn encode_with<P: Pages>(
             continue; // inside a literal that spans the whole block
         }
         let base = (b * BLOCK) as u16;
-        // Unconditional 8 slots (extra ones are overwritten later), then the
-        // rare rest.
+        // Unconditional 4 slots (extra ones are overwritten later), then the
+        // rest. Four fits dense pages (about 3 transitions per block at 25 %
+        // changed words) and measured faster than 2 or 8.
         let mut cnt = 0;
-        for k in 0..8 {
+        for k in 0..4 {
             ring[(n + k) % RING] = base + t.trailing_zeros() as u16;
             cnt += usize::from(t != 0);
             t &= t.wrapping_sub(1);
