@@ -133,7 +133,10 @@ pub(crate) struct Inner {
     /// `it_age`). Set-associative: 64 bits of the admission filter (see
     /// [`Door`]), not tied to the slot's page.
     aux: Vec<u64>,
-    data: Vec<Page>,
+    /// Page data: `capacity * PAGE_SIZE` bytes, slot `i` at `i * PAGE_SIZE`.
+    /// Bytes rather than `Page`s so that the allocation is a zeroed one
+    /// (`calloc`, lazily backed), see [`try_filled`].
+    data: Vec<u8>,
     resident: usize,
     /// Set-associative admission filter state.
     door: Door,
@@ -155,12 +158,17 @@ struct Door {
     generation: Option<u64>,
 }
 
-/// Allocates `n` copies of `value` without aborting on failure.
-fn try_filled<T: Clone>(n: usize, value: T) -> Option<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).ok()?;
-    v.resize(n, value);
-    Some(v)
+/// Allocates `n` copies of `zero` (a zero integer) without aborting when
+/// the allocator refuses the size: a fallible reservation of the same size
+/// probes first. The allocation itself then goes through `vec!`, which asks
+/// the allocator for zeroed memory for integer zeros (`calloc`): on common
+/// systems the OS hands out zero pages lazily, so a large cache costs no
+/// time to build and its memory is committed as pages are inserted.
+fn try_filled<T: Clone>(n: usize, zero: T) -> Option<Vec<T>> {
+    let mut probe: Vec<T> = Vec::new();
+    probe.try_reserve_exact(n).ok()?;
+    drop(probe);
+    Some(vec![zero; n])
 }
 
 fn alloc_error(budget_bytes: u64, geom: Geometry) -> CacheError {
@@ -174,7 +182,7 @@ fn alloc_error(budget_bytes: u64, geom: Geometry) -> CacheError {
     }
 }
 
-type Arrays = (Vec<u64>, Vec<u64>, Vec<Page>);
+type Arrays = (Vec<u64>, Vec<u64>, Vec<u8>);
 
 impl Inner {
     pub(crate) fn new(budget_bytes: u64, policy: Policy) -> Result<Inner, CacheError> {
@@ -200,7 +208,8 @@ impl Inner {
         let err = || alloc_error(budget_bytes, geom);
         let tags = try_filled(cap, 0u64).ok_or_else(err)?;
         let aux = try_filled(cap, 0u64).ok_or_else(err)?;
-        let data = try_filled(cap, [0u8; PAGE_SIZE]).ok_or_else(err)?;
+        // cap * PAGE_SIZE fits: checked in Geometry::for_budget.
+        let data = try_filled(cap * PAGE_SIZE, 0u8).ok_or_else(err)?;
         Ok((tags, aux, data))
     }
 
@@ -287,7 +296,8 @@ impl Inner {
     }
 
     pub(crate) fn peek(&self, addr: u64) -> Option<&Page> {
-        self.find(page_number(addr)).and_then(|i| self.data.get(i))
+        self.find(page_number(addr))
+            .and_then(|i| page_at(&self.data, i))
     }
 
     pub(crate) fn lookup(&mut self, addr: u64, generation: u64) -> Option<&mut Page> {
@@ -298,7 +308,7 @@ impl Inner {
             Some(i) => {
                 self.stats.hits = self.stats.hits.wrapping_add(1);
                 self.touch(i, pn + 1, generation);
-                self.data.get_mut(i)
+                page_at_mut(&mut self.data, i)
             }
             None => {
                 self.stats.misses = self.stats.misses.wrapping_add(1);
@@ -378,7 +388,9 @@ impl Inner {
     fn store(&mut self, i: usize, key: u64, page: &Page, generation: u64) {
         self.stats.inserts = self.stats.inserts.wrapping_add(1);
         self.touch(i, key, generation);
-        self.data[i].copy_from_slice(page);
+        if let Some(p) = page_at_mut(&mut self.data, i) {
+            *p = *page;
+        }
     }
 
     /// Starts a new current filter when the generation moves on: the
@@ -494,7 +506,11 @@ impl Inner {
                 if self.is_direct() {
                     aux[new] = self.aux[old];
                 }
-                data[new].copy_from_slice(&self.data[old]);
+                if let (Some(dst), Some(src)) =
+                    (page_at_mut(&mut data, new), page_at(&self.data, old))
+                {
+                    *dst = *src;
+                }
                 kept += 1;
             }
         }
@@ -554,6 +570,24 @@ impl Inner {
             ways: new_pages / current_sets,
         })
     }
+}
+
+/// Slot `i`'s page in a data array (`None` only out of range, which the
+/// slot invariants exclude).
+#[inline]
+fn page_at(data: &[u8], i: usize) -> Option<&Page> {
+    let start = i.checked_mul(PAGE_SIZE)?;
+    data.get(start..start.checked_add(PAGE_SIZE)?)?
+        .try_into()
+        .ok()
+}
+
+#[inline]
+fn page_at_mut(data: &mut [u8], i: usize) -> Option<&mut Page> {
+    let start = i.checked_mul(PAGE_SIZE)?;
+    data.get_mut(start..start.checked_add(PAGE_SIZE)?)?
+        .try_into()
+        .ok()
 }
 
 /// Page number of an address (low 12 bits ignored); `< 2^52`, so `+ 1`

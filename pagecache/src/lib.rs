@@ -105,12 +105,15 @@
 //! and the age (QEMU keeps the same two, plus a data pointer). Set-
 //! associative: the page number with the generation of its last use in the
 //! low 11 bits, and 64 bits of the admission filters. Everything is
-//! allocated, and zero-filled (so committed), when the cache is built or
-//! resized, with fallible allocation: a budget that cannot be allocated is
-//! [`CacheError::BudgetTooLarge`], never an abort. (An overcommitting OS may
-//! grant more than it can back; the zero fill then commits the memory at
-//! once, at construction, rather than in the middle of a migration.)
-//! Lookups and inserts never allocate.
+//! allocated when the cache is built or resized, never by a lookup or an
+//! insert. The size is checked with checked arithmetic and probed with a
+//! fallible reservation, so a budget the allocator refuses is
+//! [`CacheError::BudgetTooLarge`], not an abort. The arrays are requested
+//! zeroed (`calloc`), which the OS typically provides lazily: building even
+//! a multi-GiB cache takes microseconds, and page memory is committed as
+//! pages are inserted (as QEMU's cache, which allocates each page on its
+//! first insert). Like any lazily committed memory, an overcommitting OS may
+//! fail to back it later.
 //!
 //! # Resize (QEMU's `xbzrle-cache-size` changed during a migration)
 //!
