@@ -218,13 +218,18 @@ fn main() {
             r.wire_ratio
         );
     }
-    let one = run(Kind::XbzrleFriendly, mib, passes, false);
-    let par = run(Kind::XbzrleFriendly, mib, passes, true);
+    // Alternate the two configurations and keep the best of each: on a shared machine a
+    // single pair of runs mostly measures who else was running.
+    let (mut one, mut par) = (0.0f64, 0.0f64);
+    for _ in 0..3 {
+        one = one.max(run(Kind::XbzrleFriendly, mib, passes, false).gbps);
+        par = par.max(run(Kind::XbzrleFriendly, mib, passes, true).gbps);
+    }
     println!(
         "parallel encoding, xbzrle-friendly: 1 thread {:.2} GB/s, {} threads {:.2} GB/s, scaling {:.2}x",
-        one.gbps,
+        one,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
-        par.gbps,
-        par.gbps / one.gbps
+        par,
+        par / one
     );
 }
