@@ -196,6 +196,12 @@ fn arg(name: &str, default: u64) -> u64 {
 
 fn main() {
     let passes = arg("--passes", 6).max(3);
+    if std::env::args().any(|a| a == "--xbzrle-only") {
+        // For profiling: only the single-core XBZRLE-friendly run.
+        let r = run(Kind::XbzrleFriendly, arg("--mib", 48).max(1), passes, false);
+        println!("xbzrle-friendly: {:.2} GB/s", r.gbps);
+        return;
+    }
     let mib = arg("--mib", 48).max(1);
     let memcpy = memcpy_gbps(mib);
     println!(
