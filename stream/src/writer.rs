@@ -24,6 +24,10 @@ pub const DEFAULT_BUFFER_SIZE: usize = 256 * 1024;
 /// each byte is charged to the [`RateLimiter`] when it is produced.
 ///
 /// Method order and errors are [`Encoder`]'s; on `Err` nothing was written.
+/// Dropping the writer without [`flush`](Self::flush) or
+/// [`finish`](Self::finish) discards what is still buffered (so a cancelled
+/// migration does not push a half-written tail); call `finish` to complete a
+/// stream.
 ///
 /// ```
 /// use precopy_stream::{RamBlockInfo, StreamWriter, load, Limits};
