@@ -389,7 +389,7 @@ impl Inner {
         self.stats.inserts = self.stats.inserts.wrapping_add(1);
         self.touch(i, key, generation);
         if let Some(p) = page_at_mut(&mut self.data, i) {
-            *p = *page;
+            p.copy_from_slice(page);
         }
     }
 
@@ -509,7 +509,7 @@ impl Inner {
                 if let (Some(dst), Some(src)) =
                     (page_at_mut(&mut data, new), page_at(&self.data, old))
                 {
-                    *dst = *src;
+                    dst.copy_from_slice(src);
                 }
                 kept += 1;
             }
