@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Miri: the tests of xbzrle, precopy-pagecache and precopy-stream under
+# `cargo +nightly miri test` (undefined behaviour, out-of-bounds access,
+# alignment, provenance and leaks in everything Miri can execute). xbzrle's
+# SIMD backends are compiled out of dispatch under cfg(miri) by
+# xbzrle/src/dispatch.rs (SIMD_ALLOWED), so only Backend::Scalar runs here;
+# the SIMD kernels are covered by .ci/asan.sh and .ci/fuzz.sh instead.
+#
+# Runs from the repository root on a fresh machine: installs nightly and the
+# miri and rust-src components when missing. Budget: about 10 minutes.
+#
+# Env: PROPTEST_CASES (default 4 under Miri), MIRI_PACKAGES (subset).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== miri: %s ===\n' "$*"; }
+start_all=$SECONDS
+
+# Tests Miri does not run, in one place, each with its reason. Names are
+# substring filters passed to the test harness as `--skip NAME`, applied to
+# every test binary of the package (lib, tests/*.rs, doctests).
+#   package|name|reason
+SKIPS=(
+    "xbzrle|qemu_vectors_decode_and_reencode_on_every_backend|reads xbzrle-vectors.bin.xz through liblzma (C, FFI): Miri cannot call it; 77 MB"
+    "xbzrle|is_zero_every_length_alignment_and_position|64 alignments x 310 lengths x every position: hours under Miri; zero_diff fuzz and props cover it"
+    "xbzrle|many_runs_periodic|thousands of whole-page encodes: 4 min under Miri; covered natively by cargo test and the fuzz targets"
+    "xbzrle|block_boundary_runs|15 boundary cases x 2 bases x whole-page encodes: about 4 min under Miri; runs natively, under ASan and in the fuzz targets"
+    "xbzrle|output_length_sweeps|~100 page pairs x 16 output lengths: over 5 min under Miri; runs natively, under ASan and in xbzrle_encode_diff"
+    "precopy-pagecache|matches_model|proptest model runs of up to 300 page inserts per case: minutes per case under Miri"
+    "precopy-pagecache|matches_qemu_and_model|as matches_model"
+    "precopy-pagecache|trace_matches_the_stream_record_counts|replays the 45k-record QEMU page trace: far too slow under Miri"
+    "precopy-pagecache|direct_mapped_at_qemus_size_reproduces_qemus_misses|replays the QEMU page trace"
+    "precopy-pagecache|default_policy_beats_direct_mapped_on_the_real_trace|replays the QEMU page trace"
+    "precopy-pagecache|replay_follows_qemus_engine|replays the QEMU page trace"
+    "precopy-stream|xbzrle_stream_matches_expected|reads the QEMU stream through liblzma (FFI); 72 MB"
+    "precopy-stream|plain_stream_matches_expected|reads the QEMU stream through liblzma (FFI); 62 MB"
+    "precopy-stream|xbzrle_ram_equals_plain_ram|reads both QEMU streams through liblzma (FFI)"
+    "precopy-stream|rewriting_xbzrle_stream_is_byte_identical|reads the QEMU stream through liblzma (FFI)"
+    "precopy-stream|rewriting_plain_stream_is_byte_identical|reads the QEMU stream through liblzma (FFI)"
+    "precopy-stream|tiny_cases_are_where_the_readme_says|reads the QEMU stream through liblzma (FFI)"
+    "precopy-stream|vm_description_is_found_past_qemu_device_state|reads the QEMU stream through liblzma (FFI)"
+)
+
+step "toolchain"
+if ! rustup toolchain list | grep -q '^nightly'; then
+    rustup toolchain install nightly --profile minimal
+fi
+installed=$(rustup +nightly component list --installed)
+for c in miri rust-src; do
+    if ! grep -q "^$c" <<<"$installed"; then
+        rustup +nightly component add "$c"
+    fi
+done
+cargo +nightly miri --version
+cargo +nightly miri setup >/dev/null
+
+export PROPTEST_CASES=${PROPTEST_CASES:-4}
+# Isolation off: proptest reads its regression files and the clock.
+export MIRIFLAGS=${MIRIFLAGS:--Zmiri-disable-isolation -Zmiri-strict-provenance}
+echo "PROPTEST_CASES=$PROPTEST_CASES MIRIFLAGS=$MIRIFLAGS"
+
+packages=${MIRI_PACKAGES:-xbzrle precopy-pagecache precopy-stream}
+results=()
+failed=()
+for p in $packages; do
+    skip_args=()
+    for s in "${SKIPS[@]}"; do
+        IFS='|' read -r sp name reason <<<"$s"
+        if [ "$sp" = "$p" ]; then
+            skip_args+=(--skip "$name")
+            echo "$p: skipping '$name': $reason"
+        fi
+    done
+    step "cargo +nightly miri test -p $p"
+    t0=$SECONDS
+    # --report-time (nightly libtest) prints each test's time under Miri.
+    if cargo +nightly miri test -p "$p" -- -Zunstable-options --report-time "${skip_args[@]}"; then
+        res=ok
+    else
+        res=FAILED
+        failed+=("$p")
+    fi
+    results+=("$(printf '%-20s %-7s %ss (%d tests skipped by name)' "$p" "$res" "$((SECONDS - t0))" "$((${#skip_args[@]} / 2))")")
+done
+
+step "summary ($((SECONDS - start_all)) s in all)"
+printf '%s\n' "${results[@]}"
+if [ "${#failed[@]}" -ne 0 ]; then
+    echo "miri: FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "miri: all packages passed"
