@@ -27,8 +27,9 @@
 //!
 //! The page is copied out of guest RAM once ([`GuestRam::read_page`]); that copy is what is
 //! tested, encoded, cached and sent.
-//! * all zero → ZERO record; with XBZRLE, the cached copy becomes zeros (inserted if absent,
-//!   except in the final pass);
+//! * all zero → ZERO record; with XBZRLE, the zero page is inserted into the cache (as QEMU's
+//!   `xbzrle_cache_zero_page`: no lookup, so not counted as a hit or a miss; not in the final
+//!   pass);
 //! * XBZRLE on (after the first pass) and cache hit → encode against the cached copy and
 //!   update it in one pass: empty delta → unchanged, nothing sent; a delta shorter than a page
 //!   → XBZRLE record; overflow (delta ≥ page) → PAGE record, the cache holds the bytes sent;
@@ -530,14 +531,14 @@ fn process_page(
     let (cache_miss, overflow) = counters;
     guest.read_page(block, page, &mut slot.page)?;
     if codec.is_zero(&slot.page) {
-        if let Some(cache) = cache {
-            match cache.lookup(addr, generation) {
-                Some(c) => c.fill(0),
-                None if !last_stage => {
-                    let _ = cache.insert(addr, &ZERO_PAGE, generation);
-                }
-                None => {}
-            }
+        // As QEMU's xbzrle_cache_zero_page: an insert of the zero page, not a
+        // lookup, so zero pages are neither cache hits nor cache misses. A
+        // resident copy of this address is always replaced; a refused insert
+        // (another fresh page holds the slot) leaves nothing cached for it.
+        if let Some(cache) = cache
+            && !last_stage
+        {
+            let _ = cache.insert(addr, &ZERO_PAGE, generation);
         }
         return Ok(Kind::Zero);
     }
