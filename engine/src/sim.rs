@@ -139,20 +139,23 @@ struct Block {
     dirty: Box<[AtomicU64]>,
 }
 
-fn zeroed_atomics(n: usize) -> Box<[AtomicU64]> {
+/// Allocate `n` zeroed atomics, or `None` when the allocator cannot provide them (or the
+/// size overflows the address space) instead of aborting the process.
+fn zeroed_atomics(n: usize) -> Option<Box<[AtomicU64]>> {
     if n == 0 {
-        return Box::new([]);
+        return Some(Box::new([]));
     }
-    let layout = Layout::array::<AtomicU64>(n).expect("RAM size overflows the address space");
+    let layout = Layout::array::<AtomicU64>(n).ok()?;
     // SAFETY: `layout` has a non-zero size (n > 0). All-zero bytes are a valid `AtomicU64`
     // (it has the same in-memory representation as `u64`), so the zeroed allocation is `n`
-    // initialised elements, and `Box<[AtomicU64]>` frees it with this same layout.
+    // initialised elements, and `Box<[AtomicU64]>` frees it with this same layout. A null
+    // pointer (allocation failure) is returned as `None` before it is used.
     unsafe {
         let ptr = std::alloc::alloc_zeroed(layout).cast::<AtomicU64>();
         if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
+            return None;
         }
-        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n))
+        Some(Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)))
     }
 }
 
@@ -356,6 +359,16 @@ pub enum SimConfigError {
     /// `initial_zero_percent` is above 100.
     #[error("initial_zero_percent {0} is above 100")]
     ZeroPercent(u8),
+    /// The host could not allocate the guest RAM (block name, bytes asked for).
+    #[error(
+        "cannot allocate {bytes} bytes of guest RAM for block {block:?}: not enough memory on this host"
+    )]
+    OutOfMemory {
+        /// The RAM block.
+        block: String,
+        /// Bytes of RAM (plus its dirty bitmap) asked for.
+        bytes: u64,
+    },
 }
 
 impl SimGuest {
@@ -380,11 +393,24 @@ impl SimGuest {
             let pages = bytes.div_ceil(PAGE_SIZE as u64);
             starts.push(total);
             total += pages;
+            let oom = || SimConfigError::OutOfMemory {
+                block: name.clone(),
+                bytes: *bytes,
+            };
+            let words = usize::try_from(pages)
+                .ok()
+                .and_then(|p| p.checked_mul(WORDS_PER_PAGE))
+                .and_then(zeroed_atomics)
+                .ok_or_else(oom)?;
+            let dirty = usize::try_from(pages.div_ceil(64))
+                .ok()
+                .and_then(zeroed_atomics)
+                .ok_or_else(oom)?;
             blocks.push(Block {
                 name: name.clone(),
                 pages,
-                words: zeroed_atomics(pages as usize * WORDS_PER_PAGE),
-                dirty: zeroed_atomics(pages.div_ceil(64) as usize),
+                words,
+                dirty,
             });
         }
         if total == 0 {
@@ -675,6 +701,24 @@ mod tests {
             }),
             SimConfigError::ZeroPercent(101)
         );
+    }
+
+    #[test]
+    fn ram_larger_than_the_host_is_a_typed_error() {
+        // 1 PiB: more than any host (or x86-64 user address space) can provide.
+        let e = SimGuest::new(SimConfig {
+            blocks: vec![("pc.ram".into(), 1 << 50)],
+            ..SimConfig::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e,
+            SimConfigError::OutOfMemory {
+                block: "pc.ram".into(),
+                bytes: 1 << 50
+            }
+        );
+        assert!(e.to_string().contains("not enough memory"), "{e}");
     }
 
     #[test]
