@@ -26,3 +26,11 @@ fn mem_larger_than_the_host_is_a_clear_error() {
     assert!(e.contains("not enough memory"), "{e}");
     assert!(!e.contains("memory allocation of"), "{e}");
 }
+
+#[test]
+fn mem_not_a_multiple_of_the_page_is_refused() {
+    let o = precopy(&["migrate", "--mem", "5000", "--dirty-rate", "0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("not a multiple of the 4096-byte page"), "{e}");
+}

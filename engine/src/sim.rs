@@ -103,7 +103,8 @@ impl FromStr for Workload {
 /// Configuration of a [`SimGuest`].
 #[derive(Clone, Debug)]
 pub struct SimConfig {
-    /// RAM blocks: (name, size in bytes). Sizes are rounded up to whole pages.
+    /// RAM blocks: (name, size in bytes). Each size must be a whole number of 4 KiB target
+    /// pages ([`SimConfigError::Unaligned`] otherwise).
     pub blocks: Vec<(String, u64)>,
     /// How the vCPUs dirty memory.
     pub workload: Workload,
@@ -359,6 +360,14 @@ pub enum SimConfigError {
     /// `initial_zero_percent` is above 100.
     #[error("initial_zero_percent {0} is above 100")]
     ZeroPercent(u8),
+    /// A block size is not a multiple of the 4 KiB target page.
+    #[error("RAM block {block:?} size {bytes} bytes is not a multiple of the 4096-byte page")]
+    Unaligned {
+        /// The RAM block.
+        block: String,
+        /// Its size in bytes.
+        bytes: u64,
+    },
     /// The host could not allocate the guest RAM (block name, bytes asked for).
     #[error(
         "cannot allocate {bytes} bytes of guest RAM for block {block:?}: not enough memory on this host"
@@ -390,7 +399,13 @@ impl SimGuest {
             if blocks.iter().any(|b: &Block| &b.name == name) {
                 return Err(SimConfigError::DuplicateName(name.clone()));
             }
-            let pages = bytes.div_ceil(PAGE_SIZE as u64);
+            if bytes % PAGE_SIZE as u64 != 0 {
+                return Err(SimConfigError::Unaligned {
+                    block: name.clone(),
+                    bytes: *bytes,
+                });
+            }
+            let pages = bytes / PAGE_SIZE as u64;
             starts.push(total);
             total += pages;
             let oom = || SimConfigError::OutOfMemory {
@@ -700,6 +715,22 @@ mod tests {
                 ..c
             }),
             SimConfigError::ZeroPercent(101)
+        );
+    }
+
+    #[test]
+    fn ram_not_a_whole_number_of_pages_is_refused() {
+        let e = SimGuest::new(SimConfig {
+            blocks: vec![("pc.ram".into(), 5000)],
+            ..SimConfig::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e,
+            SimConfigError::Unaligned {
+                block: "pc.ram".into(),
+                bytes: 5000
+            }
         );
     }
 
