@@ -236,8 +236,7 @@ mod imp {
         };
         if args.json {
             let mut v: serde_json::Value =
-                serde_json::from_str(&json_line(&info, verified.unwrap_or(false)))
-                    .unwrap_or_default();
+                serde_json::from_str(&json_line(&info, verified)).unwrap_or_default();
             if let (Some(o), Some(rep)) = (v.as_object_mut(), &report) {
                 o.insert("guest".into(), guest_json(rep, sync_us_per_gib));
             }

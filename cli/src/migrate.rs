@@ -130,7 +130,11 @@ pub(crate) struct MigrateArgs {
     /// Give up (failed) after this many dirty-bitmap syncs without converging.
     #[arg(long)]
     pub(crate) pass_limit: Option<u64>,
-    /// Print the final query-migrate object as one JSON line (plus "verified").
+    /// Print the final query-migrate object as one JSON line, plus "verified": true or
+    /// false when this process compared the destination RAM with the source (in-process
+    /// destination or --to file:PATH; false also when the migration failed), null when an
+    /// external destination (e.g. `precopy incoming`) verifies and the source cannot know.
+    /// Exit status is non-zero only when the migration failed or verification was false.
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -290,18 +294,26 @@ pub(crate) fn print_summary(
     if let Some(t) = info.cpu_throttle_percentage {
         println!("cpu throttle percentage: {t}");
     }
+    if info.status != MigrationStatus::Completed {
+        println!(
+            "verified: no (the migration {}, nothing to verify)",
+            info.status
+        );
+        return;
+    }
     match verified {
         Some(true) => println!("verified: yes (destination RAM equals source RAM)"),
-        Some(false) => println!("verified: NO"),
+        Some(false) => println!("verified: NO (destination RAM differs from source RAM)"),
         None => println!("verified: by the destination (see `precopy incoming`)"),
     }
 }
 
-/// The `--json` line: the query-migrate object plus `"verified"`.
-pub(crate) fn json_line(info: &MigrationInfo, verified: bool) -> String {
+/// The `--json` line: the query-migrate object plus `"verified"` (true/false when this
+/// process verified, null when only an external destination can).
+pub(crate) fn json_line(info: &MigrationInfo, verified: Option<bool>) -> String {
     let mut v = serde_json::to_value(info).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
-        o.insert("verified".into(), serde_json::Value::Bool(verified));
+        o.insert("verified".into(), serde_json::json!(verified));
     }
     v.to_string()
 }
@@ -404,10 +416,11 @@ pub(crate) fn run(args: MigrateArgs) -> ExitCode {
             }
             Err(_) => Some(false),
         },
+        None if !completed => Some(false),
         None => verify_file(&args, &guest, completed),
     };
     if args.json {
-        println!("{}", json_line(&info, verified.unwrap_or(false)));
+        println!("{}", json_line(&info, verified));
     } else {
         print_summary(&info, &m.parameters(), &m.capabilities(), verified);
     }

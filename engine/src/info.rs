@@ -93,7 +93,9 @@ pub struct RamStats {
     pub page_size: u64,
     /// Pages handled per second in the last period.
     pub pages_per_second: u64,
-    /// Bytes sent before the guest stopped.
+    /// Bytes sent before the guest stopped (QEMU's `precopy-bytes`); while the guest runs,
+    /// and for a migration that failed before the final stage, all bytes sent so far.
+    /// `precopy_bytes + downtime_bytes == transferred`.
     pub precopy_bytes: u64,
     /// Bytes sent while the guest was stopped.
     pub downtime_bytes: u64,

@@ -735,7 +735,13 @@ impl Source<'_> {
             dirty_sync_count: self.sync_count,
             page_size: PAGE,
             pages_per_second: self.pages_per_second,
-            precopy_bytes: self.c.precopy_bytes.min(transferred),
+            // As QEMU's precopy-bytes: everything sent before the final stage; until the
+            // guest stops (and on a migration that failed before it), that is all of it.
+            precopy_bytes: if self.stopped {
+                self.c.precopy_bytes.min(transferred)
+            } else {
+                transferred
+            },
             downtime_bytes: if self.stopped {
                 transferred - self.c.precopy_bytes.min(transferred)
             } else {
