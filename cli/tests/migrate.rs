@@ -120,3 +120,43 @@ fn destination_gone_mid_precopy_counts_sent_bytes_as_precopy_bytes() {
     assert_eq!(ram["precopy-bytes"], ram["transferred"], "{v}");
     assert_eq!(ram["downtime-bytes"], 0, "{v}");
 }
+
+/// The real QEMU 7.2 plain stream, decompressed once into the test's temp dir.
+fn qemu_plain_stream() -> std::path::PathBuf {
+    let dir = match std::env::var_os("PRECOPY_VECTORS") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/qemu-vectors")
+        }
+    };
+    let src = dir.join("plain-stream.bin.xz");
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-plain-stream.bin");
+    let mut r = xz2::read::XzDecoder::new(std::fs::File::open(&src).expect("QEMU vector"));
+    let mut w = std::fs::File::create(&out).unwrap();
+    std::io::copy(&mut r, &mut w).unwrap();
+    out
+}
+
+#[test]
+fn incoming_takes_a_qemu_stream_with_verify_off() {
+    let path = qemu_plain_stream();
+    let uri = format!("file:{}", path.display());
+    // Default: QEMU streams carry no RAM digest of ours, so verification refuses it.
+    let o = precopy(&["incoming", &uri, "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v = json(&o);
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(v["error-desc"].as_str().unwrap().contains("digest"), "{v}");
+    // --verify off: it loads, and says it was not checked.
+    let o = precopy(&["incoming", &uri, "--verify", "off", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = json(&o);
+    assert_eq!(v["status"], "completed", "{v}");
+    assert!(v["verified"].is_null(), "{v}");
+    // pc.ram (128 MiB) plus QEMU's ROM/VGA blocks.
+    assert!(v["ram-total"].as_u64().unwrap() >= 128u64 << 20, "{v}");
+    let o = precopy(&["incoming", &uri, "--verify", "off"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("verified: not checked"), "{out}");
+}

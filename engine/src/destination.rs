@@ -3,7 +3,8 @@
 //!
 //! States: none → setup (waiting for the source) → active (reading) → completed, or failed
 //! with the stream byte offset of the error. A digest mismatch, or a stream without our
-//! digest, fails the migration.
+//! digest, fails the migration unless verification is turned off
+//! ([`Destination::with_verify`]), as for a QEMU stream, which carries no RAM digest.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,10 +59,15 @@ pub struct Received {
     pub stats: LoadStats,
     /// Our device sections (`precopy/...`), in stream order.
     pub device_states: Vec<OwnedDeviceState>,
-    /// The VM description JSON.
+    /// The VM description JSON (`Null` when the stream has none or it is not JSON; only
+    /// possible with verification off).
     pub vm_description: serde_json::Value,
-    /// The verified digest (hex).
+    /// The digest of the RAM received (hex); equal to the source's when `verified`.
     pub digest: String,
+    /// Whether the digest was checked against the source's (false only when the destination
+    /// was built with [`Destination::with_verify`]`(false)`, e.g. for a QEMU stream, which
+    /// carries no RAM digest).
+    pub verified: bool,
     /// Stream bytes read.
     pub bytes: u64,
     /// ms from the first byte to the verified end.
@@ -111,6 +117,7 @@ struct State {
 pub struct Destination {
     state: Arc<Mutex<State>>,
     bytes: Arc<AtomicU64>,
+    verify: bool,
 }
 
 impl Default for Destination {
@@ -157,7 +164,16 @@ impl Destination {
                 listeners: Vec::new(),
             })),
             bytes: Arc::new(AtomicU64::new(0)),
+            verify: true,
         }
+    }
+
+    /// Whether to require and check the source's RAM digest (default true). With false, a
+    /// stream without our digest (such as QEMU's own, whose VM description has none) loads,
+    /// and [`Received::verified`] is false.
+    pub fn with_verify(mut self, verify: bool) -> Destination {
+        self.verify = verify;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -245,24 +261,29 @@ impl Destination {
             offset: e.offset(),
             source: e,
         })?;
-        let desc: serde_json::Value = loaded
+        let desc: Option<serde_json::Value> = loaded
             .vm_description
             .as_deref()
-            .and_then(|d| serde_json::from_slice(d).ok())
-            .ok_or(IncomingError::MissingDigest)?;
-        let expected = digest_from_vm_description(&desc)
-            .ok_or(IncomingError::MissingDigest)?
-            .to_owned();
+            .and_then(|d| serde_json::from_slice(d).ok());
         let actual = image_digest(&loaded.image);
-        if actual != expected {
-            return Err(IncomingError::DigestMismatch { expected, actual });
+        if self.verify {
+            let expected = desc
+                .as_ref()
+                .and_then(digest_from_vm_description)
+                .ok_or(IncomingError::MissingDigest)?
+                .to_owned();
+            if actual != expected {
+                return Err(IncomingError::DigestMismatch { expected, actual });
+            }
         }
+        let desc = desc.unwrap_or(serde_json::Value::Null);
         Ok(Received {
             image: loaded.image,
             stats: loaded.stats,
             device_states: loaded.device_states,
             vm_description: desc,
             digest: actual,
+            verified: self.verify,
             bytes: self.bytes_received(),
             total_time_ms: start.elapsed().as_millis() as u64,
         })
