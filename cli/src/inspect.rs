@@ -25,8 +25,9 @@ pub(crate) struct InspectArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-    /// Refuse streams whose MEM_SIZE announces more RAM than this (bytes).
-    #[arg(long, default_value_t = 16 << 30)]
+    /// Refuse streams whose MEM_SIZE announces more RAM than this, bytes (suffixes K, M, G,
+    /// T: 2T).
+    #[arg(long, value_parser = crate::migrate::parse_size, default_value = "16G")]
     max_ram: u64,
 }
 

@@ -44,12 +44,18 @@ pub(crate) enum GuestKind {
     Kvm,
 }
 
-/// Parse a size: a number with an optional binary suffix K, M, G, T (optionally followed
-/// by `iB` or `B`), as QEMU's size options: `256M`, `1G`, `65536`.
+/// Parse a size: a whole number with an optional binary suffix K, M, G, T (optionally
+/// followed by `iB` or `B`), as QEMU's size options: `256M`, `1G`, `65536`. Every size
+/// option of the CLI uses this parser; fractions (`1.5G`) are refused.
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suf) = t.split_at(digits);
+    if suf.starts_with(['.', ',']) {
+        return Err(format!(
+            "{s:?}: fractions are not accepted; give a whole number of a smaller unit (e.g. 1536M for 1.5G)"
+        ));
+    }
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 256M, 1G)"))?;
@@ -546,5 +552,11 @@ mod tests {
         assert!(parse_size("1X").is_err());
         assert!(parse_size("M").is_err());
         assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert!(
+            parse_size("1.5G")
+                .unwrap_err()
+                .contains("fractions are not accepted")
+        );
     }
 }

@@ -160,3 +160,16 @@ fn incoming_takes_a_qemu_stream_with_verify_off() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("verified: not checked"), "{out}");
 }
+
+#[test]
+fn every_size_option_takes_suffixes_and_refuses_fractions() {
+    // inspect --max-ram used to take only plain bytes.
+    let o = precopy(&["inspect", "--max-ram", "2T", "/nonexistent-precopy-stream"]);
+    let e = stderr(&o);
+    assert!(!e.contains("invalid digit"), "{e}");
+    assert!(!e.contains("invalid value"), "{e}");
+    let o = precopy(&["migrate", "--mem", "1.5G"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("fractions are not accepted"), "{e}");
+}
