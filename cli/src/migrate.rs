@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::ValueEnum;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use precopy_engine::{
     Capabilities, Destination, GuestRam, IncomingListener, MigrationInfo, MigrationParameters,
     MigrationStatus, MigrationUri, Migrator, ParameterUpdate, Received, SimConfig, SimGuest,
@@ -97,7 +97,9 @@ pub(crate) struct MigrateArgs {
     /// in-process destination on loopback TCP.
     #[arg(long)]
     pub(crate) to: Option<String>,
-    /// max-bandwidth, bytes/s (suffixes allowed: 128M); 0 = unlimited.
+    /// max-bandwidth, bytes/s (suffixes allowed: 128M); 0 = unlimited. Any small value is
+    /// legitimate: the migration then proceeds at that rate (possibly never converging)
+    /// and the progress display keeps updating.
     #[arg(long, value_parser = parse_size)]
     pub(crate) max_bandwidth: Option<u64>,
     /// avail-switchover-bandwidth, bytes/s; 0 = use the measured bandwidth.
@@ -133,7 +135,9 @@ pub(crate) struct MigrateArgs {
     /// Capability x-parallel-encoding (ours): encode on a thread pool.
     #[arg(long, value_enum, default_value = "off")]
     pub(crate) parallel_encoding: OnOff,
-    /// Give up (failed) after this many dirty-bitmap syncs without converging.
+    /// Give up (failed) after this many dirty-bitmap syncs without converging. It counts
+    /// bitmap syncs (QEMU's "dirty sync count", one at the start of each pass over RAM),
+    /// not seconds; with a tiny --max-bandwidth one pass can take very long.
     #[arg(long)]
     pub(crate) pass_limit: Option<u64>,
     /// Print the final query-migrate object as one JSON line, plus "verified": true or
@@ -209,12 +213,20 @@ fn mib(bytes: u64) -> String {
 }
 
 /// Show a live progress bar until the migration finishes; returns the final info.
+///
+/// On a terminal the bar is redrawn every 200 ms; when stderr is not a terminal (and not
+/// `quiet`), the same status line is printed once a second, so a slow (rate-limited)
+/// migration still shows that it is alive and how far it got.
 pub(crate) fn follow(m: &Migrator, total: u64, quiet: bool) -> MigrationInfo {
-    let bar = if quiet || !std::io::stderr().is_terminal() {
+    let tty = std::io::stderr().is_terminal();
+    let lines = !quiet && !tty;
+    let bar = if quiet || !tty {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(total)
     };
+    let started = std::time::Instant::now();
+    let mut next_line = Duration::from_secs(1);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -224,16 +236,21 @@ pub(crate) fn follow(m: &Migrator, total: u64, quiet: bool) -> MigrationInfo {
         let info = m.query();
         if let Some(ram) = &info.ram {
             bar.set_position(ram.total.saturating_sub(ram.remaining));
-            bar.set_message(format!(
-                "{} | pass {} | sent {} | remaining {} | {:.0} mbps | dirty {} pages/s | throttle {}%",
+            let msg = format!(
+                "{} | pass {} | sent {} | remaining {} | {:.3} mbps | dirty {} pages/s | throttle {}%",
                 st,
                 ram.dirty_sync_count,
-                mib(ram.transferred),
-                mib(ram.remaining),
+                HumanBytes(ram.transferred),
+                HumanBytes(ram.remaining),
                 ram.mbps,
                 ram.dirty_pages_rate,
                 info.cpu_throttle_percentage.unwrap_or(0)
-            ));
+            );
+            if lines && started.elapsed() >= next_line && !st.is_finished() {
+                next_line += Duration::from_secs(1);
+                eprintln!("[{:>4}s] {msg}", started.elapsed().as_secs());
+            }
+            bar.set_message(msg);
         } else {
             bar.set_message(st.to_string());
         }

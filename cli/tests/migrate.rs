@@ -173,3 +173,23 @@ fn every_size_option_takes_suffixes_and_refuses_fractions() {
     let e = stderr(&o);
     assert!(e.contains("fractions are not accepted"), "{e}");
 }
+
+#[test]
+fn rate_limited_migration_keeps_reporting_progress() {
+    // 1 byte/s is a legitimate setting: without a terminal the status line is printed once
+    // a second so the user sees it is alive.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_precopy"))
+        .args(["migrate", "--max-bandwidth", "1", "--mem", "16M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run precopy");
+    std::thread::sleep(std::time::Duration::from_millis(2600));
+    child.kill().unwrap();
+    let o = child.wait_with_output().unwrap();
+    let e = stderr(&o);
+    let progress = e.lines().filter(|l| l.contains("| pass ")).count();
+    assert!(progress >= 2, "{e}");
+    assert!(e.contains("active | pass 1 | sent"), "{e}");
+}
