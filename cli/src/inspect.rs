@@ -159,18 +159,29 @@ fn records(f: impl Fn(&KindStats) -> u64, s: &precopy_stream::LoadStats) -> Reco
 /// Largest stream tail read past a foreign section to find the VM description.
 const MAX_TAIL: usize = 256 << 20;
 
-fn inspect(args: &InspectArgs) -> Result<Report, String> {
+/// Why inspecting failed, and the stream byte offset when the stream itself was at fault.
+struct Failure {
+    msg: String,
+    offset: Option<u64>,
+}
+
+fn inspect(args: &InspectArgs) -> Result<Report, Failure> {
     let name = args.file.display().to_string();
-    let (input, compression) = open(&args.file).map_err(|e| format!("{name}: {e}"))?;
+    let at = |e: precopy_stream::Error| Failure {
+        msg: format!("{name}: {e}"),
+        offset: Some(e.offset()),
+    };
+    let (input, compression) = open(&args.file).map_err(|e| Failure {
+        msg: format!("{name}: {e}"),
+        offset: None,
+    })?;
     let limits = Limits {
         max_ram_bytes: args.max_ram,
         ..Limits::default()
     };
     let mut reader = StreamReader::new(input, limits);
     let mut loader = Loader::new(limits);
-    loader
-        .load_from(&mut reader)
-        .map_err(|e| format!("{name}: {e}"))?;
+    loader.load_from(&mut reader).map_err(at)?;
 
     // Past QEMU's device state, the VM description is found from the end.
     let mut vm_description = loader.vm_description().map(|j| VmDescReport {
@@ -180,9 +191,7 @@ fn inspect(args: &InspectArgs) -> Result<Report, String> {
         found_by: "read after EOF",
     });
     if let Some(StopReason::ForeignSection { .. }) = loader.stop_reason() {
-        let (base, rest) = reader
-            .read_rest(MAX_TAIL)
-            .map_err(|e| format!("{name}: {e}"))?;
+        let (base, rest) = reader.read_rest(MAX_TAIL).map_err(at)?;
         vm_description = find_vm_description(&rest).map(|(eof_at, json)| VmDescReport {
             offset: Some(base + eof_at as u64 + 1),
             bytes: json.len(),
@@ -202,7 +211,7 @@ fn inspect(args: &InspectArgs) -> Result<Report, String> {
             length: d.payload.len(),
         })
         .collect();
-    let loaded = loader.finish().map_err(|e| format!("{name}: {e}"))?;
+    let loaded = loader.finish().map_err(at)?;
     let s = &loaded.stats;
     let blocks = loaded
         .image
@@ -410,10 +419,13 @@ pub(crate) fn run(args: InspectArgs) -> ExitCode {
             }
         },
         Ok(report) => emit(&render_text(&report)),
-        Err(msg) => {
+        Err(Failure { msg, offset }) => {
             eprintln!("precopy inspect: {msg}");
             if args.json {
-                emit(&format!("{}\n", serde_json::json!({ "error": msg })));
+                emit(&format!(
+                    "{}\n",
+                    serde_json::json!({ "error": msg, "offset": offset })
+                ));
             }
             ExitCode::FAILURE
         }

@@ -193,3 +193,26 @@ fn rate_limited_migration_keeps_reporting_progress() {
     assert!(progress >= 2, "{e}");
     assert!(e.contains("active | pass 1 | sent"), "{e}");
 }
+
+#[test]
+fn stream_errors_name_the_offset_once_and_inspect_json_carries_it() {
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("not-a-stream.bin");
+    std::fs::write(&path, b"this is not a migration stream").unwrap();
+    let uri = format!("file:{}", path.display());
+    let o = precopy(&["incoming", &uri, "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v = json(&o);
+    let desc = v["error-desc"].as_str().unwrap();
+    assert_eq!(desc.matches("byte").count(), 1, "{desc}");
+    assert!(desc.contains("at byte 0"), "{desc}");
+
+    let o = precopy(&["inspect", "--json", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v = json(&o);
+    assert!(v["error"].as_str().unwrap().contains("at byte 0"), "{v}");
+    assert_eq!(v["offset"], 0, "{v}");
+    // Not a stream problem (no such file): no offset.
+    let o = precopy(&["inspect", "--json", "/nonexistent-precopy-stream"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(json(&o)["offset"].is_null());
+}

@@ -26,7 +26,8 @@ pub enum IncomingError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The stream is malformed or the transport dropped; `offset` is the stream byte offset.
-    #[error("migration stream error at byte {offset}: {source}")]
+    // The stream error already names the byte offset: say it once.
+    #[error("migration stream error: {source}")]
     Stream {
         /// Stream byte offset of the error.
         offset: u64,
