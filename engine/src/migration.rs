@@ -25,7 +25,7 @@
 //!
 //! # Per page
 //!
-//! The page is copied out of guest RAM once ([`GuestRam::read_page`]); that copy is what is
+//! The page is copied out of guest RAM once ([`GuestRam::read_page`](crate::GuestRam::read_page)); that copy is what is
 //! tested, encoded, cached and sent.
 //! * all zero → ZERO record; with XBZRLE, the zero page is inserted into the cache (as QEMU's
 //!   `xbzrle_cache_zero_page`: no lookup, so not counted as a hit or a miss; not in the final

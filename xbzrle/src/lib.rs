@@ -46,7 +46,7 @@
 //!   rest with the reason and byte offset, and is all-or-nothing: a refused
 //!   delta leaves the page untouched. It is safe code (`forbid(unsafe_code)`)
 //!   and never panics.
-//! * [`reference`] is the byte-at-a-time specification every backend is
+//! * [`reference`](mod@reference) is the byte-at-a-time specification every backend is
 //!   tested against.
 //!
 //! # Guest memory
