@@ -42,9 +42,7 @@ mod imp {
     use precopy_engine::kvm::{
         GuestReport, KvmConfig, KvmError, KvmVm, SelfCheck, VCPU_SECTION, Workload,
     };
-    use precopy_engine::{
-        Destination, IncomingError, IncomingListener, MigrationStatus, Migrator, Received,
-    };
+    use precopy_engine::{Destination, IncomingListener, MigrationStatus, Migrator, Received};
     use precopy_stream::Limits;
 
     use super::*;
@@ -158,30 +156,12 @@ mod imp {
         if !configure(&m, args) {
             return ExitCode::FAILURE;
         }
-        type DestThread = std::thread::JoinHandle<Result<Received, IncomingError>>;
-        let (uri, dest): (String, Option<DestThread>) = match &args.to {
+        let (uri, dest) = match &args.to {
             Some(u) => (u.clone(), None),
-            None => {
-                let l = match IncomingListener::bind("tcp:127.0.0.1:0") {
-                    Ok(l) => l,
-                    Err(e) => {
-                        eprintln!("precopy migrate: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                let uri = l.local_uri();
-                let d = Destination::new();
-                match std::thread::Builder::new()
-                    .name("destination".into())
-                    .spawn(move || d.accept_and_receive(l, Limits::default()))
-                {
-                    Ok(t) => (uri, Some(t)),
-                    Err(e) => {
-                        eprintln!("precopy migrate: cannot start the destination: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            }
+            None => match crate::migrate::spawn_local_destination() {
+                Some((uri, t)) => (uri, Some(t)),
+                None => return ExitCode::FAILURE,
+            },
         };
         if !args.json {
             eprintln!(

@@ -14,9 +14,9 @@ use std::time::Duration;
 use clap::ValueEnum;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use precopy_engine::{
-    Capabilities, Destination, GuestRam, IncomingListener, MigrationInfo, MigrationParameters,
-    MigrationStatus, MigrationUri, Migrator, ParameterUpdate, Received, SimConfig, SimGuest,
-    Workload,
+    Capabilities, Destination, GuestRam, IncomingError, IncomingListener, MigrationInfo,
+    MigrationParameters, MigrationStatus, MigrationUri, Migrator, ParameterUpdate, Received,
+    SimConfig, SimGuest, Workload,
 };
 use precopy_stream::Limits;
 
@@ -367,6 +367,34 @@ pub(crate) fn same_ram(guest: &dyn GuestRam, r: &Received) -> bool {
     true
 }
 
+/// The receiving thread of an in-process destination.
+pub(crate) type DestinationThread = std::thread::JoinHandle<Result<Received, IncomingError>>;
+
+/// Starts an in-process destination listening on a loopback TCP port, receiving in a
+/// thread of its own; returns the URI to migrate to and that thread, or `None` after
+/// printing why it could not start.
+pub(crate) fn spawn_local_destination() -> Option<(String, DestinationThread)> {
+    let l = match IncomingListener::bind("tcp:127.0.0.1:0") {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("precopy migrate: {e}");
+            return None;
+        }
+    };
+    let uri = l.local_uri();
+    let d = Destination::new();
+    match std::thread::Builder::new()
+        .name("destination".into())
+        .spawn(move || d.accept_and_receive(l, Limits::default()))
+    {
+        Ok(t) => Some((uri, t)),
+        Err(e) => {
+            eprintln!("precopy migrate: cannot start the destination: {e}");
+            None
+        }
+    }
+}
+
 /// `precopy migrate`.
 pub(crate) fn run(args: MigrateArgs) -> ExitCode {
     if let Some(Err(e)) = args.to.as_deref().map(str::parse::<MigrationUri>) {
@@ -397,28 +425,10 @@ pub(crate) fn run(args: MigrateArgs) -> ExitCode {
     // In-process destination unless --to was given.
     let (uri, dest) = match &args.to {
         Some(u) => (u.clone(), None),
-        None => {
-            let l = match IncomingListener::bind("tcp:127.0.0.1:0") {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("precopy migrate: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let uri = l.local_uri();
-            let d = Destination::new();
-            let d2 = d.clone();
-            let t = std::thread::Builder::new()
-                .name("destination".into())
-                .spawn(move || d2.accept_and_receive(l, Limits::default()));
-            match t {
-                Ok(t) => (uri, Some((d, t))),
-                Err(e) => {
-                    eprintln!("precopy migrate: cannot start the destination: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
+        None => match spawn_local_destination() {
+            Some((uri, t)) => (uri, Some(t)),
+            None => return ExitCode::FAILURE,
+        },
     };
     if !args.json {
         eprintln!(
@@ -436,7 +446,7 @@ pub(crate) fn run(args: MigrateArgs) -> ExitCode {
     let info = follow(&m, args.mem, args.json);
     let completed = info.status == MigrationStatus::Completed;
     let verified = match dest {
-        Some((_d, t)) => match t.join() {
+        Some(t) => match t.join() {
             Ok(Ok(r)) => Some(completed && same_ram(&*guest, &r)),
             Ok(Err(e)) => {
                 eprintln!("destination: {e}");
