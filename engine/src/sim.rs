@@ -147,10 +147,9 @@ fn zeroed_atomics(n: usize) -> Option<Box<[AtomicU64]>> {
         return Some(Box::new([]));
     }
     let layout = Layout::array::<AtomicU64>(n).ok()?;
-    // SAFETY: `layout` has a non-zero size (n > 0). All-zero bytes are a valid `AtomicU64`
-    // (it has the same in-memory representation as `u64`), so the zeroed allocation is `n`
-    // initialised elements, and `Box<[AtomicU64]>` frees it with this same layout. A null
-    // pointer (allocation failure) is returned as `None` before it is used.
+    // SAFETY: `layout` is non-zero (n > 0); all-zero bytes are a valid `AtomicU64` (same
+    // representation as `u64`), so this is `n` initialised elements that `Box<[AtomicU64]>`
+    // frees with the same layout; a null pointer (allocation failure) is returned as `None`.
     unsafe {
         let ptr = std::alloc::alloc_zeroed(layout).cast::<AtomicU64>();
         if ptr.is_null() {

@@ -158,10 +158,9 @@ impl GuestRam {
                 memory_size: slot.size,
                 userspace_addr: host as u64,
             };
-            // SAFETY: `host` is the start of a live anonymous mapping of
-            // `slot.size` bytes owned by `mem`, which this struct keeps alive
-            // for as long as the VM can use the slot (the VM fd is dropped
-            // before or together with it by `KvmVm`).
+            // SAFETY: `host` starts a live anonymous mapping of `slot.size` bytes owned by `mem`,
+            // which this struct keeps alive as long as the VM can use the slot (`KvmVm` drops
+            // the VM fd before or together with it).
             unsafe { vm.set_user_memory_region(region) }.map_err(|source| KvmError::Ioctl {
                 op: "KVM_SET_USER_MEMORY_REGION",
                 source,
@@ -308,10 +307,9 @@ impl GuestRam {
                     ..Default::default()
                 };
                 clear.__bindgen_anon_1.dirty_bitmap = log.as_ptr() as *mut libc::c_void;
-                // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits from
-                // `dirty_bitmap`, which points at `log`, a live buffer of
-                // ceil(num_pages / 64) u64 words; `clear` is a valid
-                // `kvm_clear_dirty_log` for the lifetime of the call.
+                // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits from `dirty_bitmap` = `log`,
+                // a live buffer of ceil(num_pages / 64) u64 words; `clear` is a valid
+                // `kvm_clear_dirty_log` for the whole call.
                 let ret = unsafe {
                     vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear)
                 };
