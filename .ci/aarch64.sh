@@ -66,8 +66,6 @@ if [ "$rc" -ne 0 ]; then
     echo "aarch64: FAILED (exit $rc, ${took}s)"
     exit 1
 fi
-if ! grep -q 'backends run:.*neon' "$log"; then
-    echo "aarch64: FAILED: no test reported running the neon backend"
-    exit 1
-fi
+. .ci/lib.sh
+check_backends_ran "$log" neon || { echo "aarch64: FAILED: no test reported running the neon backend"; exit 1; }
 echo "aarch64: xbzrle tests passed under qemu-aarch64 with NEON (${took}s)"

@@ -38,10 +38,8 @@ if ! rustup +nightly component list --installed | grep -q '^rust-src'; then
 fi
 cargo +nightly --version
 
-req=sse2
-flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
-if grep -qw avx2 <<<"$flags"; then req+=,avx2; fi
-if grep -qw avx512f <<<"$flags" && grep -qw avx512bw <<<"$flags"; then req+=,avx512bw; fi
+. .ci/lib.sh
+req=$(required_backends)
 export XBZRLE_REQUIRE_BACKENDS=$req
 export PROPTEST_CASES=${PROPTEST_CASES:-64}
 export RUSTFLAGS="-Zsanitizer=address -Cdebug-assertions"
@@ -76,4 +74,5 @@ if [ "$rc" -ne 0 ]; then
     echo "asan: FAILED (exit $rc, ${took}s)"
     exit 1
 fi
+check_backends_ran "$log" "$req"
 echo "asan: xbzrle tests passed under AddressSanitizer (${took}s), backends required: $req"

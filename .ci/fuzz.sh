@@ -30,10 +30,8 @@ cargo fuzz --version
 
 # Fail, rather than pass, when a SIMD backend this CPU has did not run.
 if [ -z "${XBZRLE_REQUIRE_BACKENDS:-}" ] && [ "$(uname -m)" = x86_64 ]; then
-    req=sse2
-    flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
-    if grep -qw avx2 <<<"$flags"; then req+=,avx2; fi
-    if grep -qw avx512f <<<"$flags" && grep -qw avx512bw <<<"$flags"; then req+=,avx512bw; fi
+    . .ci/lib.sh
+    req=$(required_backends)
     export XBZRLE_REQUIRE_BACKENDS=$req
 fi
 echo "XBZRLE_REQUIRE_BACKENDS=${XBZRLE_REQUIRE_BACKENDS:-}"

@@ -1,0 +1,43 @@
+# Sourced by the .ci scripts: what this CPU is, and which XBZRLE backends a
+# test run must therefore have exercised. Nothing here assumes one machine:
+# CI runs on whatever x86_64 (or aarch64) CPU the next machine has.
+
+# The comma-separated XBZRLE SIMD backends this CPU can run, from
+# /proc/cpuinfo: sse2 on every x86_64, avx2 where the CPU reports it,
+# avx512bw only where it reports both avx512f and avx512bw; neon on aarch64
+# (asimd). Prints nothing on a CPU with none of them.
+required_backends() {
+    local flags req=""
+    flags=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || true)
+    case "$(uname -m)" in
+        x86_64)
+            req=sse2
+            if grep -qw avx2 <<<"$flags"; then req+=,avx2; fi
+            if grep -qw avx512f <<<"$flags" && grep -qw avx512bw <<<"$flags"; then
+                req+=,avx512bw
+            fi
+            ;;
+        aarch64)
+            if grep -qw asimd <<<"$flags"; then req=neon; fi
+            ;;
+    esac
+    printf '%s\n' "$req"
+}
+
+# check_backends_ran LOG REQ: every backend named in REQ (comma-separated)
+# appears in at least one "backends run:" line of LOG (the xbzrle tests print
+# one per test that loops over backends). Prints what was required and what
+# ran; returns 1 if a required backend never ran.
+check_backends_ran() {
+    local log=$1 req=$2 ran missing="" b
+    ran=$(grep -o 'backends run: *[a-z0-9, ]*' "$log" | sed 's/backends run: *//' \
+        | tr ', ' '\n\n' | grep -v '^$' | sort -u | tr '\n' ',' | sed 's/,$//')
+    echo "backends required: ${req:-none}; backends that ran: ${ran:-none}"
+    for b in ${req//,/ }; do
+        if ! tr ',' '\n' <<<"$ran" | grep -qx "$b"; then missing+=" $b"; fi
+    done
+    if [ -n "$missing" ]; then
+        echo "FAILED: required backend(s) did not run:$missing" >&2
+        return 1
+    fi
+}
