@@ -44,28 +44,9 @@ export PROPTEST_CASES=${PROPTEST_CASES:-32}
 echo "runner: $CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
 echo "XBZRLE_REQUIRE_BACKENDS=$XBZRLE_REQUIRE_BACKENDS PROPTEST_CASES=$PROPTEST_CASES"
 
-skip_args=()
-for s in "${SKIPS[@]}" ${AARCH64_SKIP:+"$AARCH64_SKIP|from AARCH64_SKIP"}; do
-    IFS='|' read -r name reason <<<"$s"
-    skip_args+=(--skip "$name")
-    echo "skipping '$name': $reason"
-done
+. .ci/lib.sh
+collect_skips "${AARCH64_SKIP:-}" ${SKIPS[@]+"${SKIPS[@]}"}
 
 step "cargo test -p xbzrle --target $target"
-t0=$SECONDS
-log=$(mktemp)
-set +e
-cargo test -p xbzrle --target "$target" -- --nocapture "${skip_args[@]}" 2>&1 | tee "$log"
-rc=${PIPESTATUS[0]}
-set -e
-took=$((SECONDS - t0))
-
-step "summary ($((SECONDS - start_all)) s in all)"
-grep -E '^test result:|backends run:' "$log" | sort | uniq -c | sed 's/^ *//' || true
-if [ "$rc" -ne 0 ]; then
-    echo "aarch64: FAILED (exit $rc, ${took}s)"
-    exit 1
-fi
-. .ci/lib.sh
-check_backends_ran "$log" neon || { echo "aarch64: FAILED: no test reported running the neon backend"; exit 1; }
-echo "aarch64: xbzrle tests passed under qemu-aarch64 with NEON (${took}s)"
+run_backend_tests aarch64 neon "$start_all" \
+    cargo test -p xbzrle --target "$target" -- --nocapture ${skip_args[@]+"${skip_args[@]}"}

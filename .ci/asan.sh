@@ -48,31 +48,12 @@ export ASAN_OPTIONS="detect_leaks=1:detect_stack_use_after_return=1:check_initia
 echo "XBZRLE_REQUIRE_BACKENDS=$XBZRLE_REQUIRE_BACKENDS PROPTEST_CASES=$PROPTEST_CASES"
 echo "RUSTFLAGS=$RUSTFLAGS ASAN_OPTIONS=$ASAN_OPTIONS"
 
-skip_args=()
-for s in "${SKIPS[@]}" ${ASAN_SKIP:+"$ASAN_SKIP|from ASAN_SKIP"}; do
-    IFS='|' read -r name reason <<<"$s"
-    skip_args+=(--skip "$name")
-    echo "skipping '$name': $reason"
-done
+collect_skips "${ASAN_SKIP:-}" ${SKIPS[@]+"${SKIPS[@]}"}
 
 step "cargo +nightly test -Zbuild-std -p xbzrle --target $target"
-t0=$SECONDS
 # Own target dir suffix: sanitizer flags would otherwise invalidate the
 # normal build cache.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}/asan
-log=$(mktemp)
-set +e
-cargo +nightly test -Zbuild-std -p xbzrle --target "$target" --lib --tests \
-    -- --nocapture "${skip_args[@]}" 2>&1 | tee "$log"
-rc=${PIPESTATUS[0]}
-set -e
-took=$((SECONDS - t0))
-
-step "summary ($((SECONDS - start_all)) s in all)"
-grep -E '^test result:|backends run:' "$log" | sort | uniq -c | sed 's/^ *//' || true
-if [ "$rc" -ne 0 ]; then
-    echo "asan: FAILED (exit $rc, ${took}s)"
-    exit 1
-fi
-check_backends_ran "$log" "$req"
-echo "asan: xbzrle tests passed under AddressSanitizer (${took}s), backends required: $req"
+run_backend_tests asan "$req" "$start_all" \
+    cargo +nightly test -Zbuild-std -p xbzrle --target "$target" --lib --tests \
+    -- --nocapture ${skip_args[@]+"${skip_args[@]}"}

@@ -41,3 +41,40 @@ check_backends_ran() {
         return 1
     fi
 }
+
+# collect_skips EXTRA ENTRY...: fills the array skip_args with `--skip NAME`
+# for every "name|reason" ENTRY, plus EXTRA (a name from the caller's env, if
+# non-empty), and prints each skip with its reason.
+collect_skips() {
+    local extra=$1 s name reason
+    shift
+    skip_args=()
+    for s in "$@" ${extra:+"$extra|from the environment"}; do
+        IFS='|' read -r name reason <<<"$s"
+        skip_args+=(--skip "$name")
+        echo "skipping '$name': $reason"
+    done
+}
+
+# run_backend_tests TAG REQ START CMD...: runs the test command CMD (its
+# output shown and kept), then prints a summary (test result lines, backends
+# run, seconds since START) and fails if CMD failed or if a backend named in
+# REQ did not run.
+run_backend_tests() {
+    local tag=$1 req=$2 start=$3 log rc t0=$SECONDS took
+    shift 3
+    log=$(mktemp)
+    set +e
+    "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    took=$((SECONDS - t0))
+    printf '\n=== %s: summary (%s s in all) ===\n' "$tag" "$((SECONDS - start))"
+    grep -E '^test result:|backends run:' "$log" | sort | uniq -c | sed 's/^ *//' || true
+    if [ "$rc" -ne 0 ]; then
+        echo "$tag: FAILED (exit $rc, ${took}s)"
+        return 1
+    fi
+    check_backends_ran "$log" "$req" || { echo "$tag: FAILED: a required backend did not run"; return 1; }
+    echo "$tag: passed (${took}s), backends required: $req"
+}
