@@ -47,17 +47,65 @@ pub(crate) trait Pages {
     fn sync_rest(&mut self, from: usize);
 }
 
-/// Plain encoding: two read-only pages.
-pub(crate) struct ReadOnly<'a> {
-    old: &'a [Block],
+/// The old side of a page pair: read-only (plain encoding) or the XBZRLE
+/// cache's copy, which is brought up to date block by block.
+pub(crate) trait OldSide {
+    /// Block `b` of the old page.
+    fn block(&self, b: usize) -> &Block;
+    /// Block `b` differs from `new`: replace it (or do nothing).
+    fn sync(&mut self, b: usize, new: &Block);
+    /// Blocks `from..` take `new[from..]` (or nothing).
+    fn sync_rest(&mut self, from: usize, new: &[Block]);
+}
+
+impl OldSide for &[Block] {
+    #[inline(always)]
+    fn block(&self, b: usize) -> &Block {
+        &self[b]
+    }
+    #[inline(always)]
+    fn sync(&mut self, _b: usize, _new: &Block) {}
+    #[inline(always)]
+    fn sync_rest(&mut self, _from: usize, _new: &[Block]) {}
+}
+
+impl OldSide for &mut [Block] {
+    #[inline(always)]
+    fn block(&self, b: usize) -> &Block {
+        &self[b]
+    }
+    #[inline(always)]
+    fn sync(&mut self, b: usize, new: &Block) {
+        self[b] = *new;
+    }
+    #[inline(always)]
+    fn sync_rest(&mut self, from: usize, new: &[Block]) {
+        if let (Some(dst), Some(src)) = (self.get_mut(from..), new.get(from..)) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+/// An old page (of kind `O`) and the new page, as the walker sees them.
+pub(crate) struct PagePair<'a, O> {
+    old: O,
     new: &'a [Block],
     new_page: &'a Page,
 }
 
+/// Plain encoding: two read-only pages.
+pub(crate) type ReadOnly<'a> = PagePair<'a, &'a [Block]>;
+
+/// Encoding against the cached copy, which is brought up to date (cache :=
+/// new) in the same pass: unchanged blocks are not written at all.
+pub(crate) type Update<'a> = PagePair<'a, &'a mut [Block]>;
+
 impl<'a> ReadOnly<'a> {
     #[inline(always)]
     pub(crate) fn new(old: &'a Page, new: &'a Page) -> Self {
-        ReadOnly {
+        PagePair {
             old: blocks(old),
             new: blocks(new),
             new_page: new,
@@ -65,48 +113,21 @@ impl<'a> ReadOnly<'a> {
     }
 }
 
-impl Pages for ReadOnly<'_> {
-    #[inline(always)]
-    fn old_block(&self, b: usize) -> &Block {
-        &self.old[b]
-    }
-    #[inline(always)]
-    fn new_block(&self, b: usize) -> &Block {
-        &self.new[b]
-    }
-    #[inline(always)]
-    fn new_page(&self) -> &Page {
-        self.new_page
-    }
-    #[inline(always)]
-    fn sync(&mut self, _b: usize) {}
-    #[inline(always)]
-    fn sync_rest(&mut self, _from: usize) {}
-}
-
-/// Encoding against the cached copy, which is brought up to date (cache :=
-/// new) in the same pass: unchanged blocks are not written at all.
-pub(crate) struct Update<'a> {
-    cached: &'a mut [Block],
-    new: &'a [Block],
-    new_page: &'a Page,
-}
-
 impl<'a> Update<'a> {
     #[inline(always)]
     pub(crate) fn new(cached: &'a mut Page, new: &'a Page) -> Self {
-        Update {
-            cached: blocks_mut(cached),
+        PagePair {
+            old: blocks_mut(cached),
             new: blocks(new),
             new_page: new,
         }
     }
 }
 
-impl Pages for Update<'_> {
+impl<O: OldSide> Pages for PagePair<'_, O> {
     #[inline(always)]
     fn old_block(&self, b: usize) -> &Block {
-        &self.cached[b]
+        self.old.block(b)
     }
     #[inline(always)]
     fn new_block(&self, b: usize) -> &Block {
@@ -118,15 +139,11 @@ impl Pages for Update<'_> {
     }
     #[inline(always)]
     fn sync(&mut self, b: usize) {
-        self.cached[b] = self.new[b];
+        self.old.sync(b, &self.new[b]);
     }
     #[inline(always)]
     fn sync_rest(&mut self, from: usize) {
-        if let (Some(dst), Some(src)) = (self.cached.get_mut(from..), self.new.get(from..)) {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = *s;
-            }
-        }
+        self.old.sync_rest(from, self.new);
     }
 }
 
