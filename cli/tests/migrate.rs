@@ -209,7 +209,10 @@ fn stream_errors_name_the_offset_once_and_inspect_json_carries_it() {
     let o = precopy(&["inspect", "--json", path.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let v = json(&o);
-    assert!(v["error"].as_str().unwrap().contains("at byte 0"), "{v}");
+    assert!(
+        v["error-desc"].as_str().unwrap().contains("at byte 0"),
+        "{v}"
+    );
     assert_eq!(v["offset"], 0, "{v}");
     // Not a stream problem (no such file): no offset.
     let o = precopy(&["inspect", "--json", "/nonexistent-precopy-stream"]);
