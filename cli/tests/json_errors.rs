@@ -4,34 +4,15 @@
 //! the same migrate / incoming paths as the simulated guest.
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 
-fn precopy(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_precopy"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run precopy")
-}
-
-/// The single JSON line on stdout.
-fn json(o: &Output) -> serde_json::Value {
-    let out = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| {
-        panic!(
-            "{e}: stdout {out:?}, stderr {:?}",
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
-}
+mod common;
+use common::{json, precopy};
 
 /// Exit status 1 and a JSON object whose failure reason is under `error-desc` only;
 /// returns the object.
 fn failed_with_error_desc(args: &[&str]) -> serde_json::Value {
     let o = precopy(args);
-    assert_eq!(o.status.code(), Some(1), "{args:?}: {o:?}");
+    assert_eq!(o.status.code(), Some(1), "{args:?}: {}", common::stderr(&o));
     let v = json(&o);
     let desc = v["error-desc"].as_str();
     assert!(desc.is_some_and(|d| !d.is_empty()), "{args:?}: {v}");
@@ -41,6 +22,26 @@ fn failed_with_error_desc(args: &[&str]) -> serde_json::Value {
 
 fn tmp(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
+/// Migrates a 16 MiB guest of kind `guest` (idle) to `file:` a temp file called `name`;
+/// returns the URI and the `--json` object, once the migration succeeded.
+fn migrate_to_file(guest: &str, name: &str) -> (String, serde_json::Value) {
+    let file = format!("file:{}", tmp(name).display());
+    let o = precopy(&[
+        "migrate",
+        "--guest",
+        guest,
+        "--mem",
+        "16M",
+        "--dirty-rate",
+        "0",
+        "--to",
+        &file,
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    (file, json(&o))
 }
 
 /// Whether a KVM guest can run here; prints why a test is skipped when not (and panics
@@ -135,19 +136,7 @@ fn kvm_incoming_of_a_stream_without_vcpu_state_uses_error_desc() {
         return;
     }
     // A simulated guest's stream: good RAM, but no precopy/vcpu section to resume from.
-    let path = tmp("json-errors-sim-stream.bin");
-    let file = format!("file:{}", path.display());
-    let o = precopy(&[
-        "migrate",
-        "--mem",
-        "8M",
-        "--dirty-rate",
-        "0",
-        "--to",
-        &file,
-        "--json",
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let (file, _) = migrate_to_file("sim", "json-errors-sim-stream.bin");
     let v = failed_with_error_desc(&["incoming", "--guest", "kvm", &file, "--json"]);
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(v["verified"], false, "{v}");
@@ -177,19 +166,13 @@ fn kvm_guest_through_a_file_verifies_on_both_sides() {
         return;
     }
     // The source loads the file back, compares RAM and resumes a VM from it.
-    let path = tmp("json-errors-kvm-stream.bin");
-    let file = format!("file:{}", path.display());
-    let o = precopy(&[
-        "migrate", "--guest", "kvm", "--mem", "16M", "--to", &file, "--json",
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{o:?}");
-    let v = json(&o);
+    let (file, v) = migrate_to_file("kvm", "json-errors-kvm-stream.bin");
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(v["verified"], true, "{v}");
     assert_eq!(v["guest"]["self_check"], "ok", "{v}");
     // `precopy incoming --guest kvm` takes the same file through the one incoming path.
     let o = precopy(&["incoming", "--guest", "kvm", &file, "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
     let v = json(&o);
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(v["verified"], true, "{v}");
