@@ -119,10 +119,12 @@ pub(crate) struct IncomingArgs {
     /// The guest to receive into.
     #[arg(long, value_enum, default_value = "sim")]
     pub(crate) guest: GuestKind,
-    /// Guest RAM size for a KVM destination (e.g. 256M, 1G).
+    /// Not used: the RAM size comes from the stream (MEM_SIZE, bounded by --max-ram), for
+    /// every guest kind. Accepted so that a `precopy migrate` command line's --mem can be
+    /// repeated here.
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     pub(crate) mem: u64,
-    /// vCPUs of a KVM destination.
+    /// Not used: a KVM destination takes its vCPUs from the stream's `precopy/vcpu` section.
     #[arg(long, default_value_t = 2)]
     pub(crate) vcpus: usize,
     /// Largest RAM the stream may declare (MEM_SIZE), bytes (suffixes K, M, G, T).
@@ -130,7 +132,7 @@ pub(crate) struct IncomingArgs {
     pub(crate) max_ram: u64,
     /// Check the RAM against the digest the source (`precopy migrate`) puts in the VM
     /// description. A real QEMU stream carries no such digest: receive it with `--verify off`
-    /// (it then loads and reports "verified: not checked").
+    /// (it then loads and reports "verified: not checked"; --json: `"verified": null`).
     #[arg(long, value_enum, default_value = "on")]
     pub(crate) verify: OnOff,
     /// Print the result as one JSON line (a failure says why in `error-desc`, as QEMU's
