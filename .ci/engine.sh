@@ -15,7 +15,7 @@ cargo clippy -p precopy-engine -p precopy --no-deps --all-targets -- -D warnings
 # Our files only (lib.rs would pull in engine/src/kvm/, which the KVM work checks).
 rustfmt --edition 2024 --check engine/src/{destination,info,migration,params,policy,sim,traits,transport}.rs \
   engine/tests/migration.rs engine/tests/smoke.rs \
-  engine/tests/common/mod.rs cli/src/migrate.rs benches/benches/engine.rs \
+  engine/tests/common/mod.rs cli/src/*.rs benches/benches/engine.rs \
   benches/src/bin/engine-throughput.rs
 
 echo "== engine: precopy migrate (the README's first command), then --json"

@@ -6,30 +6,22 @@
 //! block and hashed (SHA-256); reading stops at EOF or at the first device
 //! section we cannot parse (QEMU's), after which the VM description is
 //! located from the end of the stream. Errors print the byte offset and
-//! exit with status 1.
+//! exit with status 1; with `--json` they are `{"error-desc": ..., "offset": ...}`.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
 use precopy_stream::{KindStats, Limits, Loader, StopReason, StreamReader, find_vm_description};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-/// Arguments of `precopy inspect`.
-#[derive(clap::Args)]
-pub(crate) struct InspectArgs {
-    /// Stream file to read; `-` for stdin. xz / zstd compressed input is detected.
-    file: PathBuf,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
-    /// Refuse streams whose MEM_SIZE announces more RAM than this, bytes (suffixes K, M, G,
-    /// T: 2T).
-    #[arg(long, value_parser = crate::migrate::parse_size, default_value = "16G")]
-    max_ram: u64,
-}
+use crate::args::InspectArgs;
+use crate::report::{ERROR_KEY, emit};
+
+/// Names the command in messages.
+const WHO: &str = "precopy inspect";
 
 #[derive(Serialize)]
 struct BlockReport {
@@ -119,7 +111,7 @@ struct Report {
 }
 
 /// The input, decompressed if its first bytes are an xz or zstd magic.
-fn open(path: &PathBuf) -> io::Result<(Box<dyn Read>, &'static str)> {
+fn open(path: &Path) -> io::Result<(Box<dyn Read>, &'static str)> {
     let raw: Box<dyn Read> = if path.as_os_str() == "-" {
         Box::new(io::stdin().lock())
     } else {
@@ -395,37 +387,27 @@ fn render_text(r: &Report) -> String {
     o
 }
 
-/// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
-fn emit(text: &str) -> ExitCode {
-    use std::io::Write as _;
-    let mut out = io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("precopy inspect: writing the report: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
+/// `precopy inspect`. Exit status 1 on any error (printed with its stream byte offset).
 pub(crate) fn run(args: InspectArgs) -> ExitCode {
     match inspect(&args) {
         Ok(report) if args.json => match serde_json::to_string_pretty(&report) {
-            Ok(s) => emit(&(s + "\n")),
+            Ok(s) => emit(WHO, &(s + "\n")),
             Err(e) => {
                 eprintln!("precopy inspect: {e}");
                 ExitCode::FAILURE
             }
         },
-        Ok(report) => emit(&render_text(&report)),
+        Ok(report) => emit(WHO, &render_text(&report)),
         Err(Failure { msg, offset }) => {
             eprintln!("precopy inspect: {msg}");
             if args.json {
-                emit(&format!(
-                    "{}\n",
-                    serde_json::json!({ "error": msg, "offset": offset })
-                ));
+                emit(
+                    WHO,
+                    &format!(
+                        "{}\n",
+                        serde_json::json!({ ERROR_KEY: msg, "offset": offset })
+                    ),
+                );
             }
             ExitCode::FAILURE
         }

@@ -1,13 +1,25 @@
 //! `precopy`: run a whole live migration of guest memory, receive one, or
 //! inspect a migration stream file.
+//!
+//! Layout: [`args`] (the options), [`migrate`] and [`incoming`] (one path each, for every
+//! guest kind), [`guest_kind`] and [`kvm_guest`] (what differs per `--guest`),
+//! [`destination`] (where the migration goes and how it is verified), [`progress`],
+//! [`report`] (summary, JSON with QEMU's `error-desc`, exit codes), [`size`], [`inspect`].
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod args;
+mod destination;
+mod guest_kind;
+mod incoming;
 mod inspect;
 mod kvm_guest;
 mod migrate;
+mod progress;
+mod report;
+mod size;
 
 /// Live migration of guest memory, QEMU-compatible.
 #[derive(Parser)]
@@ -20,18 +32,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Migrate a guest (the built-in simulated guest by default) to a destination.
-    Migrate(migrate::MigrateArgs),
+    Migrate(args::MigrateArgs),
     /// Receive a migration on URI and verify it.
-    Incoming(migrate::IncomingArgs),
+    Incoming(args::IncomingArgs),
     /// Read a migration stream file and summarise it.
-    Inspect(inspect::InspectArgs),
+    Inspect(args::InspectArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Migrate(args) => migrate::run(args),
-        Command::Incoming(args) => migrate::run_incoming(args),
+        Command::Incoming(args) => incoming::run(args),
         Command::Inspect(args) => inspect::run(args),
     }
 }

@@ -183,7 +183,7 @@ fn inspect_reports_errors_with_their_offset() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("byte {}", zero_at - 7)), "{err}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["error"].as_str().unwrap().contains("fill byte 0x41"));
+    assert!(v["error-desc"].as_str().unwrap().contains("fill byte 0x41"));
     // A missing file.
     let out = inspect(&["/nonexistent/stream.bin"], None);
     assert!(!out.status.success());

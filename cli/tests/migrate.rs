@@ -1,21 +1,10 @@
 //! `precopy migrate` / `precopy incoming` as a user runs them: bad options are refused
 //! with a clear message and exit status 1, never a panic or an abort.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-fn precopy(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_precopy"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run precopy")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{json, precopy, stderr};
 
 #[test]
 fn mem_larger_than_the_host_is_a_clear_error() {
@@ -33,11 +22,6 @@ fn mem_not_a_multiple_of_the_page_is_refused() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let e = stderr(&o);
     assert!(e.contains("not a multiple of the 4096-byte page"), "{e}");
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    let out = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 #[test]
@@ -209,7 +193,10 @@ fn stream_errors_name_the_offset_once_and_inspect_json_carries_it() {
     let o = precopy(&["inspect", "--json", path.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let v = json(&o);
-    assert!(v["error"].as_str().unwrap().contains("at byte 0"), "{v}");
+    assert!(
+        v["error-desc"].as_str().unwrap().contains("at byte 0"),
+        "{v}"
+    );
     assert_eq!(v["offset"], 0, "{v}");
     // Not a stream problem (no such file): no offset.
     let o = precopy(&["inspect", "--json", "/nonexistent-precopy-stream"]);

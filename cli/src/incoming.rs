@@ -1,0 +1,110 @@
+//! `precopy incoming URI` (issues 5 and 6): receive one migration, check the RAM digest the
+//! source put in the VM description (unless `--verify off`), load it into a guest of the
+//! kind asked for (a KVM guest is built from it and resumed), and report.
+
+use std::process::ExitCode;
+
+use precopy_engine::{Destination, IncomingListener, Received};
+use precopy_stream::Limits;
+use serde_json::{Value, json};
+
+use crate::args::IncomingArgs;
+use crate::report::{ERROR_KEY, exit_code, kib};
+
+/// `precopy incoming URI`. Exit status 1 when nothing was received, the stream was bad or
+/// unverified, or the guest could not be loaded or failed its check.
+pub(crate) fn run(args: IncomingArgs) -> ExitCode {
+    let mut guest = match args.guest.incoming() {
+        Ok(g) => g,
+        Err(why) => return failed(&args, &why, 0),
+    };
+    let l = match IncomingListener::bind(&args.uri) {
+        Ok(l) => l,
+        Err(e) => return failed(&args, &e.to_string(), 0),
+    };
+    eprintln!("{}", guest.waiting(&l.local_uri()));
+    let limits = Limits {
+        max_ram_bytes: args.max_ram,
+        ..Limits::default()
+    };
+    let d = Destination::new().with_verify(args.verify.on());
+    let r = match d.accept_and_receive(l, limits) {
+        Ok(r) => r,
+        Err(e) => return failed(&args, &e.to_string(), d.bytes_received()),
+    };
+    let loaded = guest.load(&r);
+    // true: digest checked and the guest is good; null: loaded, digest not checked.
+    let verified = match &loaded {
+        Ok(true) => r.verified.then_some(true),
+        Ok(false) | Err(_) => Some(false),
+    };
+    let error = loaded.err();
+    if args.json {
+        let mut v = completed_json(&r, verified);
+        if let Some(o) = v.as_object_mut() {
+            guest.add_json(o);
+            if let Some(e) = &error {
+                o.insert(ERROR_KEY.into(), json!(e));
+            }
+        }
+        println!("{v}");
+    } else {
+        print_completed(&r);
+        if let Some(e) = &error {
+            println!("error: {e}");
+        }
+        guest.print_details();
+    }
+    exit_code(verified != Some(false))
+}
+
+/// Nothing usable was received: says why (stdout: the summary, or the JSON object with
+/// `error-desc` and the message on stderr too) and fails.
+fn failed(args: &IncomingArgs, why: &str, bytes: u64) -> ExitCode {
+    if args.json {
+        eprintln!("precopy incoming: {why}");
+        println!(
+            "{}",
+            json!({ "status": "failed", ERROR_KEY: why, "bytes": bytes, "verified": false })
+        );
+    } else {
+        println!("Migration status: failed");
+        println!("error: {why}");
+    }
+    ExitCode::FAILURE
+}
+
+/// The `--json` object of a received stream, before the guest kind adds its keys.
+fn completed_json(r: &Received, verified: Option<bool>) -> Value {
+    json!({
+        "status": "completed",
+        "total-time": r.total_time_ms,
+        "bytes": r.bytes,
+        "ram-total": r.image.total_bytes(),
+        "zero-pages": r.stats.zero.count,
+        "normal-pages": r.stats.page.count,
+        "xbzrle-pages": r.stats.xbzrle.count,
+        "digest": r.digest,
+        "verified": verified,
+    })
+}
+
+/// The text summary of a received stream, before the guest kind's lines.
+fn print_completed(r: &Received) {
+    println!("Migration status: completed");
+    println!("total time: {} ms", r.total_time_ms);
+    println!("received: {} kbytes", kib(r.bytes));
+    println!("total ram: {} kbytes", kib(r.image.total_bytes()));
+    println!(
+        "pages: {} zero, {} normal, {} xbzrle",
+        r.stats.zero.count, r.stats.page.count, r.stats.xbzrle.count
+    );
+    if r.verified {
+        println!("verified: yes (RAM digest blake3 {})", r.digest);
+    } else {
+        println!(
+            "verified: not checked (--verify off; RAM digest blake3 {})",
+            r.digest
+        );
+    }
+}
