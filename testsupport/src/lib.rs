@@ -144,7 +144,12 @@ impl Vectors {
                 }
             }
             _ => match workspace_root() {
-                Some(root) => root.join("../shared/qemu-vectors"),
+                // `<root>/../shared/qemu-vectors`, spelled without the `..`.
+                Some(root) => root
+                    .parent()
+                    .unwrap_or(&root)
+                    .join("shared")
+                    .join("qemu-vectors"),
                 None => return Err(NotFound { looked_in: vec![] }),
             },
         };
