@@ -40,8 +40,9 @@
 //!
 //! and returns `None`, so the test passes having checked nothing. When
 //! `PRECOPY_REQUIRE_VECTORS` is set to anything but empty or `0` (CI sets
-//! `PRECOPY_REQUIRE_VECTORS=1`), it panics with the same message instead, so
-//! a missing data set can never turn a CI run green.
+//! `PRECOPY_REQUIRE_VECTORS=1`), it panics instead with the same reason
+//! (`FAILED the_test: QEMU vectors not found ...`), so a missing data set can
+//! never turn a CI run green.
 //!
 //! The vectors can be regenerated with `scripts/qemu-vectors/make-vectors.sh`
 //! (Debian's QEMU 7.2); a regenerated set differs in bytes from the shared
@@ -279,8 +280,9 @@ pub fn parse_xbzrle_records(mut data: &[u8]) -> Result<Vec<XbzrleRecord>, String
 }
 
 /// The vectors, or `None` after saying on standard error that `test_name`
-/// was skipped and how to get them. Panics with that message instead when
-/// `PRECOPY_REQUIRE_VECTORS` is set (see the crate docs).
+/// was skipped and how to get them. Panics with the same reason (`FAILED
+/// test_name: ...`) instead when `PRECOPY_REQUIRE_VECTORS` is set (see the
+/// crate docs).
 ///
 /// The line is written straight to standard error, not through `eprintln!`,
 /// so `cargo test` shows it without `--nocapture`.
@@ -295,14 +297,13 @@ pub fn vectors_or_skip(test_name: &str) -> Option<Vectors> {
 }
 
 /// Says that `what` was skipped because of `reason` (one `SKIPPED` line on
-/// standard error), or panics with that line when `PRECOPY_REQUIRE_VECTORS`
-/// is set. For callers that locate data themselves.
+/// standard error), or panics with `FAILED {what}: {reason} ...` when
+/// `PRECOPY_REQUIRE_VECTORS` is set. For callers that locate data themselves.
 pub fn skip_or_fail(what: &str, reason: &dyn fmt::Display) {
-    let line = format!("SKIPPED {what}: {reason}");
     if vectors_required() {
-        panic!("{line} ({REQUIRE_ENV} is set, so missing vectors fail)");
+        panic!("FAILED {what}: {reason} ({REQUIRE_ENV} is set: missing vectors fail, not skip)");
     }
-    let _ = writeln!(io::stderr().lock(), "{line}");
+    let _ = writeln!(io::stderr().lock(), "SKIPPED {what}: {reason}");
 }
 
 #[cfg(test)]
