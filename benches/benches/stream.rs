@@ -13,43 +13,21 @@
 //!   configured `max-bandwidth`, then the bandwidth is changed while writing
 //!   and it runs 1 s more; measured vs configured is printed (goal: within 5 %).
 //!
-//! Run: `cargo bench -p precopy-benches --bench stream` (vectors via
-//! `PRECOPY_VECTORS`, else `shared/qemu-vectors` beside the repository).
+//! Run: `cargo bench -p precopy-benches --bench stream` (vectors located by
+//! `precopy_testsupport`: `PRECOPY_VECTORS`, else `../shared/qemu-vectors`
+//! beside the workspace). Without them the two criterion groups are skipped
+//! with a `SKIPPED` line (a failure under `PRECOPY_REQUIRE_VECTORS=1`) and
+//! only the rate-limit check runs.
 // criterion_group!/criterion_main! generate undocumented public functions.
 #![allow(missing_docs)]
 
 use std::hint::black_box;
-use std::io::Read;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use precopy_stream::{
     Control, Decoder, Item, Limits, Loader, RamBlockInfo, RamRecord, StreamWriter, load,
 };
-
-fn vectors_dir() -> PathBuf {
-    let dir = match std::env::var_os("PRECOPY_VECTORS") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/qemu-vectors"),
-    };
-    assert!(
-        dir.join("README.md").is_file(),
-        "QEMU vectors not found at {} (set PRECOPY_VECTORS)",
-        dir.display()
-    );
-    dir
-}
-
-fn unxz(name: &str) -> Vec<u8> {
-    let path = vectors_dir().join(name);
-    let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = Vec::new();
-    xz2::read::XzDecoder::new(std::io::BufReader::new(f))
-        .read_to_end(&mut out)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    out
-}
 
 /// Walks every item up to the first foreign section; returns the item count.
 fn decode_all(stream: &[u8]) -> usize {
@@ -233,13 +211,18 @@ fn rate_limit_check(quick: bool) {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--test");
-    let streams = vec![
-        ("xbzrle-stream", unxz("xbzrle-stream.bin.xz")),
-        ("plain-stream", unxz("plain-stream.bin.xz")),
-    ];
-    let mut c = Criterion::default().configure_from_args();
-    read_benches(&mut c, &streams);
-    write_benches(&mut c, &streams);
-    c.final_summary();
+    if let Some(v) =
+        precopy_testsupport::vectors_or_skip("stream bench, stream_read and stream_write")
+    {
+        let unxz = |name: &str| v.read(name).unwrap_or_else(|e| panic!("{e}"));
+        let streams = vec![
+            ("xbzrle-stream", unxz("xbzrle-stream.bin.xz")),
+            ("plain-stream", unxz("plain-stream.bin.xz")),
+        ];
+        let mut c = Criterion::default().configure_from_args();
+        read_benches(&mut c, &streams);
+        write_benches(&mut c, &streams);
+        c.final_summary();
+    }
     rate_limit_check(quick);
 }

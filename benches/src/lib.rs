@@ -6,9 +6,6 @@
 //!
 //! Other benches (pagecache, stream, engine) may use these generators.
 
-use std::io::Read;
-use std::path::PathBuf;
-
 use rand::{Rng, RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 pub use xbzrle::{PAGE_SIZE, Page};
@@ -115,81 +112,26 @@ pub fn pair(w: Workload, rng: &mut BenchRng) -> (Box<Page>, Box<Page>) {
     (old, new)
 }
 
-/// One record of the QEMU vectors file: the page before, QEMU's delta, the
-/// page after.
-pub struct QemuPair {
-    /// The page at the destination before the record.
-    pub old: Box<Page>,
-    /// The XBZRLE delta exactly as QEMU 7.2 wrote it.
-    pub delta: Vec<u8>,
-    /// The page after applying the record.
-    pub new: Box<Page>,
-}
+/// One record of the QEMU vectors file: the page before (`old`), QEMU's
+/// delta (`delta`), the page after (`new`).
+pub use precopy_testsupport::XbzrleRecord as QemuPair;
 
 /// The real pairs of `xbzrle-vectors.bin.xz`.
 pub struct QemuPairs;
 
 impl QemuPairs {
-    /// Where the vectors file is: `$PRECOPY_VECTORS` (the `qemu-vectors`
-    /// folder or the file) if set, else `shared/qemu-vectors` beside the
-    /// repository (`$CARGO_MANIFEST_DIR/../../shared/qemu-vectors`).
-    pub fn path() -> PathBuf {
-        let dir = match std::env::var_os("PRECOPY_VECTORS") {
-            Some(p) => PathBuf::from(p),
-            None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/qemu-vectors"),
-        };
-        if dir.is_file() {
-            dir
-        } else {
-            dir.join("xbzrle-vectors.bin.xz")
-        }
-    }
-
-    /// Loads every record (9349 in the shared file).
+    /// Loads every record (9349 in the shared file), the vectors located by
+    /// `precopy_testsupport` (`$PRECOPY_VECTORS`, else `../shared/qemu-vectors`
+    /// beside the workspace). Without the vectors: `None` after one
+    /// `SKIPPED {what}: ...` line on stderr saying how to get them, or a
+    /// panic under `PRECOPY_REQUIRE_VECTORS=1`.
     ///
-    /// # Errors
-    /// I/O errors, and `InvalidData` naming the record when the file is
-    /// truncated or a page is not 4096 bytes.
-    pub fn load() -> std::io::Result<Vec<QemuPair>> {
-        let path = Self::path();
-        let file = std::fs::File::open(&path)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        let mut raw = Vec::new();
-        xz2::read::XzDecoder::new(file).read_to_end(&mut raw)?;
-        let bad = |rec: usize, what: &str| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{}: record {rec}: {what}", path.display()),
-            )
-        };
-        let mut data = &raw[..];
-        let mut out = Vec::new();
-        let field = |data: &mut &[u8], rec: usize| -> std::io::Result<Vec<u8>> {
-            let (len, rest) = data
-                .split_first_chunk::<4>()
-                .ok_or_else(|| bad(rec, "truncated length"))?;
-            let len = u32::from_le_bytes(*len) as usize;
-            let body = rest.get(..len).ok_or_else(|| bad(rec, "truncated field"))?;
-            *data = &rest[len..];
-            Ok(body.to_vec())
-        };
-        while !data.is_empty() {
-            let rec = out.len();
-            let old = field(&mut data, rec)?;
-            let delta = field(&mut data, rec)?;
-            let new = field(&mut data, rec)?;
-            let page = |v: Vec<u8>| -> std::io::Result<Box<Page>> {
-                v.into_boxed_slice()
-                    .try_into()
-                    .map_err(|_| bad(rec, "page is not 4096 bytes"))
-            };
-            out.push(QemuPair {
-                old: page(old)?,
-                delta,
-                new: page(new)?,
-            });
-        }
-        Ok(out)
+    /// # Panics
+    /// When the vectors folder exists but the file cannot be read or parsed
+    /// (the message names the file and the record).
+    pub fn load_or_skip(what: &str) -> Option<Vec<QemuPair>> {
+        let v = precopy_testsupport::vectors_or_skip(what)?;
+        Some(v.xbzrle_records().unwrap_or_else(|e| panic!("{what}: {e}")))
     }
 }
 

@@ -7,17 +7,18 @@ use std::process::{Command, Output, Stdio};
 
 use precopy_stream::{RamBlockInfo, StreamWriter};
 
+/// True (after a `SKIPPED` line) when the QEMU vectors are absent; panics
+/// instead under `PRECOPY_REQUIRE_VECTORS=1` (see `precopy_testsupport`).
+fn skipped(test: &str) -> bool {
+    precopy_testsupport::vectors_or_skip(test).is_none()
+}
+
+/// The QEMU vectors folder (call after `skipped` said they are present).
 fn vectors_dir() -> PathBuf {
-    let dir = match std::env::var_os("PRECOPY_VECTORS") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/qemu-vectors"),
-    };
-    assert!(
-        dir.join("README.md").is_file(),
-        "QEMU vectors not found at {} (set PRECOPY_VECTORS to the qemu-vectors folder)",
-        dir.display()
-    );
-    dir
+    precopy_testsupport::Vectors::locate()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .dir()
+        .to_path_buf()
 }
 
 fn inspect(args: &[&str], stdin: Option<&[u8]>) -> Output {
@@ -80,6 +81,9 @@ fn check_qemu_vector(file: &str, key: &str) {
 
 #[test]
 fn inspect_xbzrle_vector() {
+    if skipped("inspect_xbzrle_vector") {
+        return;
+    }
     check_qemu_vector("xbzrle-stream.bin.xz", "xbzrle_stream");
     let e = expected();
     let path = vectors_dir().join("xbzrle-stream.bin.xz");
@@ -97,6 +101,9 @@ fn inspect_xbzrle_vector() {
 
 #[test]
 fn inspect_plain_vector_text() {
+    if skipped("inspect_plain_vector_text") {
+        return;
+    }
     check_qemu_vector("plain-stream.bin.xz", "plain_stream");
     let path = vectors_dir().join("plain-stream.bin.xz");
     let out = inspect(&[path.to_str().unwrap()], None);

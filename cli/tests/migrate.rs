@@ -105,24 +105,28 @@ fn destination_gone_mid_precopy_counts_sent_bytes_as_precopy_bytes() {
     assert_eq!(ram["downtime-bytes"], 0, "{v}");
 }
 
+/// True (after a `SKIPPED` line) when the QEMU vectors are absent; panics
+/// instead under `PRECOPY_REQUIRE_VECTORS=1` (see `precopy_testsupport`).
+fn skipped(test: &str) -> bool {
+    precopy_testsupport::vectors_or_skip(test).is_none()
+}
+
 /// The real QEMU 7.2 plain stream, decompressed once into the test's temp dir.
 fn qemu_plain_stream() -> std::path::PathBuf {
-    let dir = match std::env::var_os("PRECOPY_VECTORS") {
-        Some(d) => std::path::PathBuf::from(d),
-        None => {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/qemu-vectors")
-        }
-    };
-    let src = dir.join("plain-stream.bin.xz");
+    let v = precopy_testsupport::Vectors::locate().unwrap_or_else(|e| panic!("{e}"));
+    let bytes = v
+        .read("plain-stream.bin.xz")
+        .unwrap_or_else(|e| panic!("QEMU vector: {e}"));
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-plain-stream.bin");
-    let mut r = xz2::read::XzDecoder::new(std::fs::File::open(&src).expect("QEMU vector"));
-    let mut w = std::fs::File::create(&out).unwrap();
-    std::io::copy(&mut r, &mut w).unwrap();
+    std::fs::write(&out, bytes).unwrap();
     out
 }
 
 #[test]
 fn incoming_takes_a_qemu_stream_with_verify_off() {
+    if skipped("incoming_takes_a_qemu_stream_with_verify_off") {
+        return;
+    }
     let path = qemu_plain_stream();
     let uri = format!("file:{}", path.display());
     // Default: QEMU streams carry no RAM digest of ours, so verification refuses it.

@@ -4,7 +4,9 @@
 Usage (from the repository root):
     python3 fuzz/seeds/generate.py [PATH/TO/qemu-vectors]
 
-The default vectors folder is ../shared/qemu-vectors next to the checkout.
+The vectors folder is the argument, else $PRECOPY_VECTORS, else
+../shared/qemu-vectors next to the checkout (scripts/qemu-vectors/make-vectors.sh
+makes one; a regenerated set gives other seeds than the committed ones).
 Writes fuzz/seeds/<target>/<name> files; the layouts are documented in
 fuzz/src/lib.rs. Deterministic: the same vectors give the same files.
 Only a small, varied selection is kept (a few hundred KiB at most): the
@@ -24,8 +26,16 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 def vectors_dir():
     if len(sys.argv) > 1:
-        return sys.argv[1]
-    return os.path.join(os.path.dirname(ROOT), "shared", "qemu-vectors")
+        d = sys.argv[1]
+    elif os.environ.get("PRECOPY_VECTORS"):
+        d = os.environ["PRECOPY_VECTORS"]
+    else:
+        d = os.path.join(os.path.dirname(ROOT), "shared", "qemu-vectors")
+    if not os.path.isdir(d):
+        sys.exit("generate.py: QEMU vectors not found (looked in %s); get them with "
+                 "scripts/qemu-vectors/make-vectors.sh OUT, then pass OUT or set "
+                 "PRECOPY_VECTORS=OUT. The committed seeds need no vectors." % d)
+    return d
 
 
 def read_vectors(path):

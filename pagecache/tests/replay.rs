@@ -2,32 +2,24 @@
 //! reproduces QEMU's own cache counters with `DirectMapped` at QEMU's size,
 //! and the default policy beats it at smaller budgets.
 
-use std::path::PathBuf;
-
 use precopy_pagecache::replay::{Event, Kind, PageTrace, replay};
 use precopy_pagecache::{PageCache, Policy};
 
-/// `$PRECOPY_VECTORS` (the folder, or a file in it) if set, else
-/// `$CARGO_MANIFEST_DIR/../../shared/qemu-vectors`.
-fn trace() -> PageTrace {
-    let dir = match std::env::var_os("PRECOPY_VECTORS") {
-        Some(p) if PathBuf::from(&p).is_file() => PathBuf::from(p).parent().unwrap().to_path_buf(),
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/qemu-vectors"),
-    };
-    let file = dir.join("page-trace.txt");
-    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
-        panic!(
-            "QEMU page trace not found at {} ({e}); set PRECOPY_VECTORS to the qemu-vectors folder",
-            file.display()
-        )
-    });
-    PageTrace::parse(&text).unwrap()
+/// The real page trace, located by `precopy_testsupport`; `None` (the test
+/// is skipped, or fails under `PRECOPY_REQUIRE_VECTORS=1`) without the vectors.
+fn trace(test: &str) -> Option<PageTrace> {
+    let v = precopy_testsupport::vectors_or_skip(test)?;
+    let text = v
+        .read_to_string("page-trace.txt")
+        .unwrap_or_else(|e| panic!("QEMU page trace: {e}"));
+    Some(PageTrace::parse(&text).unwrap())
 }
 
 #[test]
 fn trace_matches_the_stream_record_counts() {
-    let t = trace();
+    let Some(t) = trace("trace_matches_the_stream_record_counts") else {
+        return;
+    };
     let count = |k: Kind| {
         t.events()
             .iter()
@@ -46,7 +38,9 @@ fn trace_matches_the_stream_record_counts() {
 
 #[test]
 fn direct_mapped_at_qemus_size_reproduces_qemus_misses() {
-    let t = trace();
+    let Some(t) = trace("direct_mapped_at_qemus_size_reproduces_qemus_misses") else {
+        return;
+    };
     let mut c = PageCache::new(16 << 20, Policy::DirectMapped).unwrap();
     let r = replay(&t, &mut c);
     assert_eq!(r.generation, 13);
@@ -67,7 +61,9 @@ fn direct_mapped_at_qemus_size_reproduces_qemus_misses() {
 
 #[test]
 fn default_policy_beats_direct_mapped_on_the_real_trace() {
-    let t = trace();
+    let Some(t) = trace("default_policy_beats_direct_mapped_on_the_real_trace") else {
+        return;
+    };
     let ws = t.working_set_pages() as u64;
     assert!(ws > 1000, "working set {ws}");
     for fraction in [8u64, 4, 2] {

@@ -6,34 +6,10 @@
 
 mod common;
 
-use std::io::Read;
-use std::path::PathBuf;
-
 use xbzrle::{PAGE_SIZE, Page};
 
 const FILE: &str = "xbzrle-vectors.bin.xz";
 const RECORDS: usize = 9349;
-
-/// The vectors file: `$PRECOPY_VECTORS` (the folder, or the file itself) if
-/// set, else `$CARGO_MANIFEST_DIR/../../shared/qemu-vectors` (CI puts
-/// `shared/` beside the repository clone).
-fn vectors_path() -> PathBuf {
-    let dir = match std::env::var_os("PRECOPY_VECTORS") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/qemu-vectors"),
-    };
-    let file = if dir.is_file() {
-        dir.clone()
-    } else {
-        dir.join(FILE)
-    };
-    assert!(
-        file.is_file(),
-        "QEMU vectors not found: looked for {} (set PRECOPY_VECTORS to the qemu-vectors folder)",
-        file.display()
-    );
-    file
-}
 
 struct Record {
     old: Box<Page>,
@@ -41,43 +17,25 @@ struct Record {
     new: Box<Page>,
 }
 
-fn take<'a>(data: &mut &'a [u8], n: usize, what: &str, rec: usize) -> &'a [u8] {
-    assert!(data.len() >= n, "record {rec}: file ends inside {what}");
-    let (head, rest) = data.split_at(n);
-    *data = rest;
-    head
-}
-
-fn field<'a>(data: &mut &'a [u8], what: &str, rec: usize) -> &'a [u8] {
-    let len = u32::from_le_bytes(take(data, 4, what, rec).try_into().unwrap()) as usize;
-    take(data, len, what, rec)
-}
-
-fn load() -> Vec<Record> {
-    let path = vectors_path();
-    let mut raw = Vec::new();
-    xz2::read::XzDecoder::new(std::fs::File::open(&path).unwrap())
-        .read_to_end(&mut raw)
-        .unwrap_or_else(|e| panic!("decompressing {}: {e}", path.display()));
-    let mut data = &raw[..];
+/// Every record of the vectors file (located by `precopy_testsupport`), or
+/// `None` when the vectors are absent and the test is skipped.
+fn load(test: &str) -> Option<Vec<Record>> {
+    let v = precopy_testsupport::vectors_or_skip(test)?;
+    let records = v.xbzrle_records().unwrap_or_else(|e| panic!("{e}"));
     let mut out = Vec::with_capacity(RECORDS);
-    while !data.is_empty() {
-        let rec = out.len();
-        let old = field(&mut data, "old page", rec);
-        let enc = field(&mut data, "delta", rec).to_vec();
-        let new = field(&mut data, "new page", rec);
+    for (rec, r) in records.into_iter().enumerate() {
         assert!(
-            (1..=PAGE_SIZE).contains(&enc.len()),
+            (1..=PAGE_SIZE).contains(&r.delta.len()),
             "record {rec}: delta length {}",
-            enc.len()
+            r.delta.len()
         );
         out.push(Record {
-            old: Box::new(old.try_into().expect("old page is 4096 bytes")),
-            enc,
-            new: Box::new(new.try_into().expect("new page is 4096 bytes")),
+            old: r.old,
+            enc: r.delta,
+            new: r.new,
         });
     }
-    out
+    Some(out)
 }
 
 #[test]
@@ -86,7 +44,9 @@ fn load() -> Vec<Record> {
     ignore = "9349 real records; decompression and encoding take hours under Miri"
 )]
 fn qemu_vectors_decode_and_reencode_on_every_backend() {
-    let records = load();
+    let Some(records) = load("qemu_vectors_decode_and_reencode_on_every_backend") else {
+        return;
+    };
     assert_eq!(records.len(), RECORDS, "record count of {FILE}");
     assert_eq!(
         records.iter().map(|r| r.enc.len()).sum::<usize>(),

@@ -14,9 +14,11 @@
 //!
 //! Traces:
 //! * `qemu-7.2`: the page sequence of a real QEMU 7.2 XBZRLE migration
-//!   (`page-trace.txt` in the shared QEMU vectors; found through
-//!   `$PRECOPY_VECTORS` or `../shared/qemu-vectors` next to the workspace).
-//!   QEMU's own cache there was 16 MiB for 128 MiB of RAM.
+//!   (`page-trace.txt` in the shared QEMU vectors, located by
+//!   `precopy_testsupport`: `$PRECOPY_VECTORS` or `../shared/qemu-vectors`
+//!   next to the workspace). QEMU's own cache there was 16 MiB for 128 MiB
+//!   of RAM. Without the vectors its rows and its check are skipped with a
+//!   `SKIPPED` line (a failure under `PRECOPY_REQUIRE_VECTORS=1`).
 //! * `zipf`: each pass dirties pages drawn from a Zipf(1.0) hot set scattered
 //!   over 1 GiB.
 //! * `scan`: each pass rewrites one contiguous region, larger than every cache.
@@ -52,28 +54,6 @@ fn policies() -> Vec<Policy> {
         v.push(Policy::default());
     }
     v
-}
-
-fn vectors_trace() -> Result<PathBuf, String> {
-    let dir = match std::env::var_os("PRECOPY_VECTORS") {
-        // The folder, or any file in it.
-        Some(d) if Path::new(&d).is_file() => Path::new(&d)
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default(),
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/qemu-vectors"),
-    };
-    let path = dir.join("page-trace.txt");
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(format!(
-            "cache-hits: QEMU page trace not found at {} \
-             (set PRECOPY_VECTORS to the qemu-vectors folder)",
-            path.display()
-        ))
-    }
 }
 
 fn load(path: &Path) -> Result<PageTrace, String> {
@@ -232,15 +212,21 @@ fn main() -> ExitCode {
 }
 
 fn run(extra: Vec<PathBuf>, dump: Option<PathBuf>, check: bool) -> Result<(), String> {
-    let qemu_path = vectors_trace()?;
-    let qemu = load(&qemu_path)?;
-    qemu_check(&qemu)?;
-    let mut traces: Vec<(String, PageTrace)> = vec![("qemu-7.2".into(), qemu)];
+    let mut traces: Vec<(String, PageTrace)> = Vec::new();
+    match precopy_testsupport::Vectors::locate() {
+        Ok(v) => {
+            let qemu = load(&v.path("page-trace.txt"))?;
+            qemu_check(&qemu)?;
+            traces.push(("qemu-7.2".into(), qemu));
+        }
+        Err(e) => precopy_testsupport::skip_or_fail("cache-hits, trace qemu-7.2 and its check", &e),
+    }
+    let synthetic_from = traces.len();
     for name in ["zipf", "scan", "mix"] {
         traces.push((name.into(), synthetic(name)));
     }
     if let Some(dir) = dump {
-        for (name, t) in &traces[1..] {
+        for (name, t) in &traces[synthetic_from..] {
             write_trace(&dir.join(format!("{name}.txt")), t)?;
         }
         return Ok(());
