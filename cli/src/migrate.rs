@@ -16,7 +16,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use precopy_engine::{
     Capabilities, Destination, GuestRam, IncomingError, IncomingListener, MigrationInfo,
     MigrationParameters, MigrationStatus, MigrationUri, Migrator, ParameterUpdate, Received,
-    SimConfig, SimGuest, Workload,
+    SimConfig, SimGuest, SimWorkload,
 };
 use precopy_stream::Limits;
 
@@ -87,9 +87,9 @@ pub(crate) struct MigrateArgs {
     /// Pages the guest dirties per second (before throttling); 0 = idle.
     #[arg(long, default_value_t = 100_000)]
     pub(crate) dirty_rate: u64,
-    /// Workload of the simulated guest: sparse, cacheline, fullpage, zeroing, hotset, mix.
+    /// SimWorkload of the simulated guest: sparse, cacheline, fullpage, zeroing, hotset, mix.
     #[arg(long, default_value = "hotset")]
-    pub(crate) workload: Workload,
+    pub(crate) workload: SimWorkload,
     /// Seed of the simulated guest's contents and writes.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,

@@ -41,7 +41,8 @@
 use iced_x86::code_asm::*;
 
 use super::KvmError;
-use super::ram::{GuestRam, PAGE_SIZE};
+use super::ram::KvmRam;
+use xbzrle::PAGE_SIZE;
 
 /// Guest-physical address of the GDT.
 pub const GDT_BASE: u64 = 0x800;
@@ -100,7 +101,7 @@ pub mod mailbox {
 
 /// How the guest program dirties memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Workload {
+pub struct KvmWorkload {
     /// Pages incremented per round by the counter sweep (1..=4096).
     pub sweep_pages: u32,
     /// Sweep stride in pages (≥ 1); raised to the next value coprime with
@@ -119,7 +120,7 @@ pub struct Workload {
     pub prefill_percent: u8,
 }
 
-impl Default for Workload {
+impl Default for KvmWorkload {
     fn default() -> Self {
         Self {
             sweep_pages: 32,
@@ -184,7 +185,7 @@ pub fn check_layout(ram_size: u64, vcpus: usize) -> Result<(), KvmError> {
 /// Writes the GDT, every vCPU's mailbox with `workload`'s parameters, the
 /// prefilled data pages and the program. The data region must be zero
 /// before (fresh RAM is).
-pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(), KvmError> {
+pub fn init_guest(ram: &KvmRam, vcpus: usize, workload: &KvmWorkload) -> Result<(), KvmError> {
     check_layout(ram.size(), vcpus)?;
     if workload.sweep_pages == 0
         || workload.sweep_pages > 4096
@@ -249,10 +250,10 @@ pub fn init_guest(ram: &GuestRam, vcpus: usize, workload: &Workload) -> Result<(
 /// hash) with pseudo-random words, each page's last word balancing its sum
 /// to 0. Returns the sum of the pages' words 0 (the mailbox's `TOTAL`).
 fn prefill(
-    ram: &GuestRam,
+    ram: &KvmRam,
     base: u64,
     pages: u64,
-    workload: &Workload,
+    workload: &KvmWorkload,
     index: usize,
 ) -> Result<u32, KvmError> {
     let mut total = 0u32;
@@ -294,7 +295,7 @@ fn splitmix(mut x: u64) -> u64 {
 }
 
 /// Reads vCPU `index`'s mailbox.
-pub fn status(ram: &GuestRam, index: usize) -> Result<GuestStatus, KvmError> {
+pub fn status(ram: &KvmRam, index: usize) -> Result<GuestStatus, KvmError> {
     let mb = mailbox_addr(index);
     Ok(GuestStatus {
         progress: ram.read_u32(mb + mailbox::PROGRESS)?,
@@ -308,11 +309,7 @@ pub fn status(ram: &GuestRam, index: usize) -> Result<GuestStatus, KvmError> {
 /// Host-side check of vCPU `index`'s region (call with the vCPUs stopped):
 /// every page sums to 0 and the words 0 sum to the mailbox's `TOTAL`.
 /// Returns a description of the first violation, or `None`.
-pub fn check_region(
-    ram: &GuestRam,
-    vcpus: usize,
-    index: usize,
-) -> Result<Option<String>, KvmError> {
+pub fn check_region(ram: &KvmRam, vcpus: usize, index: usize) -> Result<Option<String>, KvmError> {
     let (base, pages) = region(ram.size(), vcpus, index);
     let total = ram.read_u32(mailbox_addr(index) + mailbox::TOTAL)?;
     let mut page = vec![0u8; PAGE_SIZE];
