@@ -53,12 +53,11 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use precopy_pagecache::CacheError;
-use precopy_stream::{StreamWriter, WriteError};
+use precopy_stream::StreamWriter;
 use xbzrle::PAGE_SIZE;
 
-use crate::guest::{Guest, GuestError, RamBlockInfo, SharedGuest};
-use crate::info::{MigrationInfo, MigrationStatus, RamStats, XbzrleCacheStats};
+use crate::guest::{Guest, RamBlockInfo, SharedGuest};
+use crate::info::MigrationStatus;
 use crate::params::{Capabilities, MigrationParameters};
 use crate::policy::{self, AutoConverge};
 use crate::transport::MigrationSink;
@@ -66,12 +65,14 @@ use crate::vmdesc;
 
 mod bitmap;
 pub(crate) mod control;
+mod error;
 mod pages;
 mod stats;
 
 use bitmap::DirtyBitmap;
 use control::Shared;
-use pages::{Job, Pipeline, SendError, Step, Writer};
+use error::{SourceError, Stop};
+use pages::{Job, Pipeline, Step, Writer};
 use stats::{Counters, ESTIMATE_PERIOD, Estimator, Period};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -81,53 +82,6 @@ const MAX_ITERATION_TIME: Duration = Duration::from_millis(50);
 const PARALLEL_BATCH: usize = 256;
 /// Machine type written in the configuration section.
 pub const MACHINE_TYPE: &str = "precopy-sim";
-
-/// Why a migration failed; its text becomes `query-migrate`'s `error-desc`.
-#[derive(Debug, thiserror::Error)]
-enum SourceError {
-    /// Writing the stream (the transport dropped, ...).
-    #[error("stream: {0}")]
-    Stream(#[from] WriteError),
-    /// The guest failed.
-    #[error("guest: {0}")]
-    Guest(#[from] GuestError),
-    /// The guest has no RAM block.
-    #[error("guest: no RAM blocks")]
-    NoRamBlocks,
-    /// The pass limit ([`Migrator::set_pass_limit`](crate::Migrator::set_pass_limit)).
-    #[error("did not converge within {0} dirty-bitmap syncs")]
-    NotConverged(u64),
-    /// The XBZRLE cache could not be built.
-    #[error("XBZRLE cache: {0}")]
-    Cache(#[source] CacheError),
-    /// The XBZRLE cache could not be resized.
-    #[error("XBZRLE cache resize: {0}")]
-    CacheResize(#[source] CacheError),
-    /// Closing the sink failed (e.g. an `exec:` command failed).
-    #[error("closing the transport: {0}")]
-    Close(#[source] io::Error),
-}
-
-/// Why the loop stopped early.
-enum Stop {
-    Cancelled,
-    Failed(SourceError),
-}
-
-impl<E: Into<SourceError>> From<E> for Stop {
-    fn from(e: E) -> Self {
-        Stop::Failed(e.into())
-    }
-}
-
-impl From<SendError> for SourceError {
-    fn from(e: SendError) -> Self {
-        match e {
-            SendError::Guest(e) => SourceError::Guest(e),
-            SendError::Stream(e) => SourceError::Stream(e),
-        }
-    }
-}
 
 /// What a migration runs with, fixed at start (parameters may change while it runs).
 pub(crate) struct Settings {
@@ -234,70 +188,6 @@ pub(crate) fn run(
 }
 
 impl Source<'_> {
-    fn info(&self, status: MigrationStatus) -> MigrationInfo {
-        let transferred = self.transferred();
-        let ram = RamStats {
-            transferred,
-            remaining: self.bitmap.dirty_pages() * PAGE,
-            total: self.total,
-            duplicate: self.c.duplicate,
-            normal: self.c.normal,
-            normal_bytes: self.c.normal * PAGE,
-            dirty_pages_rate: self.period.dirty_pages_rate,
-            mbps: self.est.mbps,
-            dirty_sync_count: self.sync_count,
-            page_size: PAGE,
-            pages_per_second: self.est.pages_per_second,
-            // As QEMU's precopy-bytes: everything sent before the final stage; until the
-            // guest stops (and on a migration that failed before it), that is all of it.
-            precopy_bytes: if self.stopped {
-                self.c.precopy_bytes.min(transferred)
-            } else {
-                transferred
-            },
-            downtime_bytes: if self.stopped {
-                transferred - self.c.precopy_bytes.min(transferred)
-            } else {
-                0
-            },
-        };
-        let p = self.pipeline.as_ref();
-        let xbzrle_cache = self.settings.caps.xbzrle.then(|| XbzrleCacheStats {
-            cache_size: self.settings.params.xbzrle_cache_size,
-            bytes: self.c.xbzrle_bytes,
-            pages: self.c.xbzrle_pages,
-            cache_miss: p.map_or(0, Pipeline::cache_misses),
-            cache_miss_rate: self.period.cache_miss_rate,
-            encoding_rate: self.period.encoding_rate,
-            overflow: p.map_or(0, Pipeline::overflows),
-        });
-        MigrationInfo {
-            status,
-            total_time: Some(self.start.elapsed().as_millis() as u64),
-            setup_time: Some(self.setup_ms),
-            downtime: None,
-            expected_downtime: (status == MigrationStatus::Active)
-                .then_some(self.est.expected_downtime)
-                .flatten(),
-            ram: Some(ram),
-            xbzrle_cache,
-            cpu_throttle_percentage: (self.throttle > 0).then_some(self.throttle),
-            error_desc: None,
-        }
-    }
-
-    /// Bytes of stream produced (all of it on the wire once the sink is closed).
-    fn transferred(&self) -> u64 {
-        self.closed_bytes + self.w.bytes_written()
-    }
-
-    /// Publish the current statistics to `query-migrate`.
-    fn publish(&self) {
-        let mut ctl = self.shared.lock();
-        let info = self.info(ctl.status());
-        ctl.publish(info);
-    }
-
     fn check_cancel(&self) -> Result<(), Stop> {
         if self.shared.cancelled() {
             Err(Stop::Cancelled)

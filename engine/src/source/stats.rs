@@ -1,12 +1,15 @@
 //! The loop's counters and its two clocks: the 100 ms estimator (bandwidth, switchover
 //! threshold, expected downtime; QEMU `migration_update_counters`) and the 1 s period (dirty
 //! rate, cache miss rate, encoding rate, auto-converge; QEMU `migration_bitmap_sync`'s
-//! period check).
+//! period check), and the `query-migrate` they make up.
 
 use std::time::{Duration, Instant};
 
 use xbzrle::PAGE_SIZE;
 
+use super::Source;
+use super::pages::Pipeline;
+use crate::info::{MigrationInfo, MigrationStatus, RamStats, XbzrleCacheStats};
 use crate::params::MigrationParameters;
 use crate::policy;
 
@@ -192,5 +195,72 @@ impl Period {
         self.xbzrle_pages = c.xbzrle_pages;
         self.xbzrle_bytes = c.xbzrle_bytes;
         Some(end)
+    }
+}
+
+impl Source<'_> {
+    /// The `query-migrate` of this migration in state `status`.
+    pub(super) fn info(&self, status: MigrationStatus) -> MigrationInfo {
+        let transferred = self.transferred();
+        let ram = RamStats {
+            transferred,
+            remaining: self.bitmap.dirty_pages() * PAGE,
+            total: self.total,
+            duplicate: self.c.duplicate,
+            normal: self.c.normal,
+            normal_bytes: self.c.normal * PAGE,
+            dirty_pages_rate: self.period.dirty_pages_rate,
+            mbps: self.est.mbps,
+            dirty_sync_count: self.sync_count,
+            page_size: PAGE,
+            pages_per_second: self.est.pages_per_second,
+            // As QEMU's precopy-bytes: everything sent before the final stage; until the
+            // guest stops (and on a migration that failed before it), that is all of it.
+            precopy_bytes: if self.stopped {
+                self.c.precopy_bytes.min(transferred)
+            } else {
+                transferred
+            },
+            downtime_bytes: if self.stopped {
+                transferred - self.c.precopy_bytes.min(transferred)
+            } else {
+                0
+            },
+        };
+        let p = self.pipeline.as_ref();
+        let xbzrle_cache = self.settings.caps.xbzrle.then(|| XbzrleCacheStats {
+            cache_size: self.settings.params.xbzrle_cache_size,
+            bytes: self.c.xbzrle_bytes,
+            pages: self.c.xbzrle_pages,
+            cache_miss: p.map_or(0, Pipeline::cache_misses),
+            cache_miss_rate: self.period.cache_miss_rate,
+            encoding_rate: self.period.encoding_rate,
+            overflow: p.map_or(0, Pipeline::overflows),
+        });
+        MigrationInfo {
+            status,
+            total_time: Some(self.start.elapsed().as_millis() as u64),
+            setup_time: Some(self.setup_ms),
+            downtime: None,
+            expected_downtime: (status == MigrationStatus::Active)
+                .then_some(self.est.expected_downtime)
+                .flatten(),
+            ram: Some(ram),
+            xbzrle_cache,
+            cpu_throttle_percentage: (self.throttle > 0).then_some(self.throttle),
+            error_desc: None,
+        }
+    }
+
+    /// Bytes of stream produced (all of it on the wire once the sink is closed).
+    fn transferred(&self) -> u64 {
+        self.closed_bytes + self.w.bytes_written()
+    }
+
+    /// Publish the current statistics to `query-migrate`.
+    pub(super) fn publish(&self) {
+        let mut ctl = self.shared.lock();
+        let info = self.info(ctl.status());
+        ctl.publish(info);
     }
 }
