@@ -87,7 +87,7 @@ pub(crate) struct MigrateArgs {
     /// Pages the guest dirties per second (before throttling); 0 = idle.
     #[arg(long, default_value_t = 100_000)]
     pub(crate) dirty_rate: u64,
-    /// SimWorkload of the simulated guest: sparse, cacheline, fullpage, zeroing, hotset, mix.
+    /// Workload of the simulated guest: sparse, cacheline, fullpage, zeroing, hotset, mix.
     #[arg(long, default_value = "hotset")]
     pub(crate) workload: SimWorkload,
     /// Seed of the simulated guest's contents and writes.

@@ -5,6 +5,10 @@
 //! with the stream byte offset of the error. A digest mismatch, or a stream without our
 //! digest, fails the migration unless verification is turned off
 //! ([`Destination::with_verify`]), as for a QEMU stream, which carries no RAM digest.
+//!
+//! The RAM is held once, in the [`Received::image`]; it enters a guest only through
+//! [`Received::write_into`] (any [`GuestRamWrite`]: the KVM guest's `KvmVm::from_received`,
+//! a [`SimGuest`](crate::SimGuest)), page by page straight from the image.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};

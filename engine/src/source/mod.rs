@@ -20,7 +20,7 @@
 //!    bytes sent / time, threshold = bandwidth × `downtime-limit` (or
 //!    `avail-switchover-bandwidth` × `downtime-limit` when set), `expected-downtime` =
 //!    remaining / bandwidth. At a sync at least 1 s after the last one, auto-converge looks
-//!    at the period ([`AutoConverge`](crate::policy::AutoConverge)).
+//!    at the period ([`AutoConverge`]).
 //! 3. **switchover**: when the remaining dirty bytes fall below the threshold (after a fresh
 //!    sync), or nothing is dirty: stop the vCPUs, sync once more, send the rest in the `ram`
 //!    END section without rate limit, EOF, then the VM description with the RAM digest
