@@ -309,31 +309,23 @@ impl Source<'_> {
         self.publish();
     }
 
-    fn job(&self, (block, page): (usize, u64)) -> Job {
-        Job {
-            block,
-            page,
-            addr: self.base[block] + page * PAGE,
-        }
-    }
-
     /// Send dirty pages until the rate limit, the end of the pass, or
     /// [`MAX_ITERATION_TIME`]. Returns true at the end of the pass.
     fn send_some(&mut self, last_stage: bool) -> Result<bool, Stop> {
         let t = Instant::now();
-        let mut pipeline = self.pipeline.take().expect("set up");
-        let r = self.send_some_with(&mut pipeline, t, last_stage);
-        self.pipeline = Some(pipeline);
-        r
-    }
-
-    fn send_some_with(
-        &mut self,
-        pipeline: &mut Pipeline,
-        t: Instant,
-        last_stage: bool,
-    ) -> Result<bool, Stop> {
+        let pipeline = self.pipeline.as_mut().expect("set up");
         let parallel = pipeline.is_parallel();
+        let job = |base: &[u64], (block, page): (usize, u64)| Job {
+            block,
+            page,
+            addr: base[block] + page * PAGE,
+        };
+        let step = Step {
+            guest: self.guest,
+            generation: self.sync_count,
+            use_cache: self.xbzrle_active,
+            last_stage,
+        };
         let mut batch = Vec::with_capacity(PARALLEL_BATCH);
         let mut n = 0u32;
         loop {
@@ -346,17 +338,11 @@ impl Source<'_> {
                     return Ok(false);
                 }
             }
-            let step = Step {
-                guest: self.guest,
-                generation: self.sync_count,
-                use_cache: self.xbzrle_active,
-                last_stage,
-            };
             if parallel {
                 batch.clear();
                 while batch.len() < PARALLEL_BATCH {
                     match self.bitmap.next_dirty() {
-                        Some(p) => batch.push(self.job(p)),
+                        Some(p) => batch.push(job(&self.base, p)),
                         None => break,
                     }
                 }
@@ -374,9 +360,8 @@ impl Source<'_> {
                 match self.bitmap.next_dirty() {
                     Some(p) => {
                         self.synced_clean = false;
-                        let job = self.job(p);
                         pipeline
-                            .send_one(&step, job, &mut self.w, &mut self.c)
+                            .send_one(&step, job(&self.base, p), &mut self.w, &mut self.c)
                             .map_err(SourceError::from)?;
                     }
                     None => return Ok(true),
