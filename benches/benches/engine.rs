@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use precopy_engine::{
-    Capabilities, MigrationStatus, Migrator, ParameterUpdate, SimConfig, SimGuest, Workload,
+    Capabilities, MigrationStatus, Migrator, ParameterUpdate, SimConfig, SimGuest, SimWorkload,
 };
 
 const MIB: u64 = 16;
@@ -19,7 +19,7 @@ fn guest(zero_percent: u8) -> Arc<SimGuest> {
     Arc::new(
         SimGuest::new(SimConfig {
             blocks: vec![("pc.ram".into(), MIB << 20)],
-            workload: Workload::Sparse,
+            workload: SimWorkload::Sparse,
             dirty_rate: 0,
             vcpus: 1,
             seed: 1,

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::ValueEnum;
-use precopy_engine::{Capabilities, ParameterUpdate, Workload};
+use precopy_engine::{Capabilities, ParameterUpdate, SimWorkload};
 
 use crate::size::parse_size;
 
@@ -49,7 +49,7 @@ pub(crate) struct MigrateArgs {
     pub(crate) dirty_rate: u64,
     /// Workload of the simulated guest: sparse, cacheline, fullpage, zeroing, hotset, mix.
     #[arg(long, default_value = "hotset")]
-    pub(crate) workload: Workload,
+    pub(crate) workload: SimWorkload,
     /// Seed of the simulated guest's contents and writes.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,

@@ -37,7 +37,7 @@ mod imp {
     use std::time::Duration;
 
     use precopy_engine::kvm::{
-        GuestReport, KvmConfig, KvmError, KvmVm, SelfCheck, VCPU_SECTION, Workload,
+        GuestReport, KvmConfig, KvmError, KvmVm, KvmWorkload, SelfCheck,
     };
     use precopy_engine::{Received, SharedGuest};
     use serde_json::{Map, Value};
@@ -50,32 +50,7 @@ mod imp {
 
     /// Builds the destination VM from a verified stream, resumes it and reports.
     fn resume_received(r: &Received) -> Result<(KvmVm, GuestReport), KvmError> {
-        let dev = r
-            .device_states
-            .iter()
-            .find(|d| d.name == VCPU_SECTION)
-            .ok_or_else(|| {
-                KvmError::Config(format!("the stream has no {VCPU_SECTION:?} device section"))
-            })?;
-        let blocks: Vec<(String, u64)> = r
-            .image
-            .blocks()
-            .iter()
-            .map(|b| (b.name().to_owned(), b.data().len() as u64))
-            .collect();
-        let data = r.image.blocks().first().map(|b| b.data()).unwrap_or(&[]);
-        let vm = KvmVm::from_migration(
-            &blocks,
-            |p, out| {
-                let o = p as usize * out.len();
-                let src = data.get(o..o + out.len()).ok_or_else(|| {
-                    KvmError::Memory(format!("page {p} is past the received RAM"))
-                })?;
-                out.copy_from_slice(src);
-                Ok(())
-            },
-            &dev.payload,
-        )?;
+        let vm = KvmVm::from_received(r)?;
         let report = vm.resume_and_report(REPORT_AFTER)?;
         Ok((vm, report))
     }
@@ -128,17 +103,17 @@ mod imp {
             mem_size: args.mem,
             vcpus: args.vcpus,
             dirty_rate: args.dirty_rate,
-            workload: Workload {
+            workload: KvmWorkload {
                 seed: args.seed,
                 // `--workload hotset` (the default): the counter sweep cycles over 1/8 of
                 // each vCPU's data, re-dirtying it every pass; any other workload sweeps
                 // all of it.
-                hot_percent: if args.workload == precopy_engine::Workload::HotSet {
+                hot_percent: if args.workload == precopy_engine::SimWorkload::HotSet {
                     12
                 } else {
                     100
                 },
-                ..Workload::default()
+                ..KvmWorkload::default()
             },
             ..KvmConfig::default()
         };
@@ -160,7 +135,7 @@ mod imp {
                 "migrating a {} MiB KVM guest ({} vCPUs, {} sweep, dirty rate {}) to {uri}",
                 args.mem >> 20,
                 args.vcpus,
-                if args.workload == precopy_engine::Workload::HotSet {
+                if args.workload == precopy_engine::SimWorkload::HotSet {
                     "hot-set"
                 } else {
                     "whole-RAM"

@@ -5,6 +5,10 @@
 //! with the stream byte offset of the error. A digest mismatch, or a stream without our
 //! digest, fails the migration unless verification is turned off
 //! ([`Destination::with_verify`]), as for a QEMU stream, which carries no RAM digest.
+//!
+//! The RAM is held once, in the [`Received::image`]; it enters a guest only through
+//! [`Received::write_into`] (any [`GuestRamWrite`]: the KVM guest's `KvmVm::from_received`,
+//! a [`SimGuest`](crate::SimGuest)), page by page straight from the image.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,10 +17,10 @@ use std::time::Instant;
 
 use precopy_stream::{Limits, LoadStats, OwnedDeviceState, RamImage};
 
-use crate::info::MigrationStatus;
-use crate::migration::{StateChange, VMDESC_KEY, digest_block_header};
-use crate::traits::{GuestError, GuestRamWrite};
+use crate::guest::GuestRamWrite;
+use crate::info::{MigrationStatus, StateChange};
 use crate::transport::{IncomingListener, TransportError};
+use crate::vmdesc::{digest_from_vm_description, image_digest};
 
 /// Why a destination failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,9 +50,6 @@ pub enum IncomingError {
         /// The digest of the RAM we built.
         actual: String,
     },
-    /// Writing the received RAM into the guest failed.
-    #[error("storing RAM into the guest: {0}")]
-    Guest(#[from] GuestError),
 }
 
 /// A completed, verified incoming migration.
@@ -76,35 +77,26 @@ pub struct Received {
 }
 
 impl Received {
-    /// Store every page into a guest (e.g. a KVM guest's memory) through [`GuestRamWrite`].
-    pub fn write_into(&self, guest: &mut dyn GuestRamWrite) -> Result<(), GuestError> {
+    /// Put the received RAM into a guest: the one way received RAM enters any guest (the
+    /// KVM guest's `KvmVm::from_received` uses it; a [`SimGuest`](crate::SimGuest) takes
+    /// it too). Each page goes from the received image straight to
+    /// [`GuestRamWrite::write_page`], block by block in MEM_SIZE order; all-zero pages are
+    /// skipped while [`GuestRamWrite::is_zeroed`] holds.
+    ///
+    /// Errors: the first error of `guest`.
+    pub fn write_into<G: GuestRamWrite + ?Sized>(&self, guest: &mut G) -> Result<(), G::Error> {
+        let skip_zero = guest.is_zeroed();
         for b in self.image.blocks() {
             for (i, chunk) in b.data().chunks_exact(xbzrle::PAGE_SIZE).enumerate() {
                 let page: &xbzrle::Page = chunk.try_into().expect("page-sized chunk");
+                if skip_zero && page.iter().all(|&x| x == 0) {
+                    continue;
+                }
                 guest.write_page(b.name(), i as u64, page)?;
             }
         }
         Ok(())
     }
-}
-
-/// BLAKE3 digest of a RAM image, in the layout of [`crate::migration::ram_digest`].
-pub fn image_digest(image: &RamImage) -> String {
-    let mut h = blake3::Hasher::new();
-    for b in image.blocks() {
-        digest_block_header(&mut h, b.name(), b.len());
-        h.update_rayon(b.data());
-    }
-    h.finalize().to_hex().to_string()
-}
-
-/// The digest the source wrote into a VM description, if any.
-pub fn digest_from_vm_description(desc: &serde_json::Value) -> Option<&str> {
-    let d = desc.get(VMDESC_KEY)?.get("ram-digest")?;
-    if d.get("algorithm")?.as_str()? != "blake3" {
-        return None;
-    }
-    d.get("value")?.as_str()
 }
 
 struct State {

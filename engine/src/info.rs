@@ -57,6 +57,17 @@ impl MigrationStatus {
     }
 }
 
+/// A state change (QEMU's `MIGRATION` event), as sent to the subscribers of
+/// [`Migrator::subscribe`](crate::Migrator::subscribe) and
+/// [`Destination::subscribe`](crate::Destination::subscribe).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    /// Previous state.
+    pub from: MigrationStatus,
+    /// New state.
+    pub to: MigrationStatus,
+}
+
 impl fmt::Display for MigrationStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

@@ -2,16 +2,20 @@
 //! migration/ram.c) with downtime-based convergence, auto-converge and XBZRLE, over real
 //! transports, writing and reading QEMU-compatible streams (`precopy-stream`).
 //!
-//! * The VMM boundary is in [`traits`]: implement [`GuestRam`], [`DirtyLog`],
-//!   [`VcpuControl`] and [`Throttle`] for your guest ([`sim::SimGuest`] is a complete
-//!   example; the `kvm` feature adds a real KVM guest).
-//! * The source: [`Migrator`] is the control API (QMP's `migrate`, `query-migrate`,
-//!   `migrate_cancel`, `migrate-set-parameters`, `migrate-set-capabilities`, blockers,
-//!   state-change events); the loop and the per-page rules are documented in [`migration`].
-//! * The destination: [`Destination`] reads a stream into RAM and verifies the source's RAM
-//!   digest ([`destination`]).
-//! * [`policy`]: the estimator, the switchover predicate and auto-converge as pure functions.
-//! * [`params`], [`info`]: QEMU's parameter and `query-migrate` names; [`transport`]: URIs.
+//! # Layout
+//!
+//! | module | what |
+//! |---|---|
+//! | [`migrator`] | [`Migrator`], the control API (QMP's `migrate`, `query-migrate`, `migrate_cancel`, `migrate-set-parameters`, `migrate-set-capabilities`, blockers, state-change events) |
+//! | [`source`] | the migration thread: setup, iterate, complete; the per-page rules, the migration bitmap, the estimator and the 1 s period |
+//! | [`destination`] | [`Destination`]: reads a stream into RAM and verifies the source's RAM digest; [`Received::write_into`] is the one way into a guest |
+//! | [`vmdesc`] | the RAM digest and the VM description, used by both sides |
+//! | [`transport`] | URIs ([`MigrationUri`]), the source's sinks ([`MigrationSink`], [`Outgoing`]) and the destination's [`IncomingListener`] |
+//! | [`guest`] | the VMM boundary: implement [`GuestRam`], [`DirtyLog`], [`VcpuControl`] and [`Throttle`] for your guest; [`SimGuest`] (a complete example), `guest::kvm` (feature `kvm`: a real KVM guest, also at `precopy_engine::kvm`), [`Hooked`] (a guest with a sync hook, for tests and benches) |
+//! | [`policy`] | the estimator, the switchover predicate and auto-converge as pure functions |
+//! | [`params`], [`info`] | QEMU's parameter and `query-migrate` names |
+//!
+//! Every public type is re-exported here, at the crate root: that is the stable path.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -47,24 +51,26 @@
 //! throttle), in the spirit of QEMU's trace events.
 
 pub mod destination;
+pub mod guest;
 pub mod info;
-pub mod migration;
+pub mod migrator;
 pub mod params;
 pub mod policy;
-pub mod sim;
-pub mod traits;
+pub mod source;
 pub mod transport;
+pub mod vmdesc;
 
 pub use destination::{Destination, IncomingError, Received};
-pub use info::{MigrationInfo, MigrationStatus, RamStats, XbzrleCacheStats};
-pub use migration::{BlockerId, MigrateError, MigrationSink, Migrator, StateChange};
-pub use params::{Capabilities, MigrationParameters, ParameterError, ParameterUpdate};
-pub use sim::{SimConfig, SimGuest, Workload};
-pub use traits::{
-    DeviceStateEntry, DirtyLog, Guest, GuestError, GuestRam, GuestRamWrite, RamBlockInfo,
-    SharedGuest, Throttle, VcpuControl,
+pub use guest::sim::{SimConfig, SimConfigError, SimGuest, SimWorkload, UnknownWorkload};
+pub use guest::{
+    DeviceStateEntry, DirtyLog, Guest, GuestError, GuestRam, GuestRamWrite, Hooked, RamBlockInfo,
+    SharedGuest, SyncHook, Throttle, VcpuControl, block_pages,
 };
-pub use transport::{IncomingListener, MigrationUri, Outgoing, TransportError};
+pub use info::{MigrationInfo, MigrationStatus, RamStats, StateChange, XbzrleCacheStats};
+pub use migrator::{BlockerId, MigrateError, Migrator};
+pub use params::{Capabilities, MigrationParameters, ParameterError, ParameterUpdate};
+pub use transport::{IncomingListener, MigrationSink, MigrationUri, Outgoing, TransportError};
 
+/// The KVM guest (feature `kvm`, Linux x86_64): [`guest::kvm`], at its historical path.
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
-pub mod kvm;
+pub use guest::kvm;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use precopy_engine::kvm::{KvmConfig, KvmVm, SelfCheck, VCPU_SECTION, Workload, program};
+use precopy_engine::kvm::{KvmConfig, KvmVm, KvmWorkload, SelfCheck, VCPU_SECTION, program};
 use precopy_engine::{
     Capabilities, Destination, IncomingListener, MigrationInfo, MigrationStatus, Migrator,
     ParameterUpdate, Received, Throttle,
@@ -23,7 +23,7 @@ fn guest(mem_mib: u64, vcpus: usize, dirty_rate: u64) -> Arc<KvmVm> {
         mem_size: mem_mib << 20,
         vcpus,
         dirty_rate,
-        workload: Workload::default(),
+        workload: KvmWorkload::default(),
         ..Default::default()
     })
     .unwrap();
@@ -31,7 +31,7 @@ fn guest(mem_mib: u64, vcpus: usize, dirty_rate: u64) -> Arc<KvmVm> {
     // Warm up until the counter sweep has touched every data page, so RAM is
     // not still mostly zero pages (which would make any migration easy).
     let (_, pages) = program::region(vm.ram().size(), vcpus, 0);
-    let rounds = pages.div_ceil(u64::from(Workload::default().sweep_pages)) + 16;
+    let rounds = pages.div_ceil(u64::from(KvmWorkload::default().sweep_pages)) + 16;
     let t0 = Instant::now();
     while vm
         .guest_status()
@@ -128,22 +128,8 @@ fn kvm_guest_migrates_over_tcp_and_resumes() {
     let at_switchover = src.progress().unwrap();
 
     // The vCPU state came as our device section.
-    let dev = r
-        .device_states
-        .iter()
-        .find(|d| d.name == VCPU_SECTION)
-        .expect("vCPU device section");
-    let blocks = vec![(block.name().to_owned(), block.data().len() as u64)];
-    let dst = KvmVm::from_migration(
-        &blocks,
-        |p, out| {
-            let o = p as usize * 4096;
-            out.copy_from_slice(&block.data()[o..o + 4096]);
-            Ok(())
-        },
-        &dev.payload,
-    )
-    .unwrap();
+    assert!(r.device_states.iter().any(|d| d.name == VCPU_SECTION));
+    let dst = KvmVm::from_received(&r).unwrap();
     assert_eq!(dst.vcpu_count(), 2);
     assert_eq!(dst.progress().unwrap(), at_switchover);
 

@@ -6,7 +6,8 @@ mod kvm_common;
 
 use std::time::{Duration, Instant};
 
-use precopy_engine::kvm::{KvmConfig, KvmVm, PAGE_SIZE, Workload, program, state};
+use precopy_engine::kvm::{KvmConfig, KvmVm, KvmWorkload, program, state};
+use xbzrle::PAGE_SIZE;
 
 fn small(mem_mib: u64, vcpus: usize) -> KvmConfig {
     KvmConfig {
@@ -222,10 +223,10 @@ fn hot_set_confines_the_counter_sweep() {
         return;
     }
     let vm = KvmVm::new(&KvmConfig {
-        workload: Workload {
+        workload: KvmWorkload {
             hot_percent: 10,
             prefill_percent: 0,
-            ..Workload::default()
+            ..KvmWorkload::default()
         },
         ..small(16, 1)
     })

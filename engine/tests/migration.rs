@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use common::*;
 use precopy_engine::{
-    Capabilities, Destination, DirtyLog, GuestError, GuestRam, MigrateError, MigrationStatus,
-    Migrator, ParameterUpdate, RamBlockInfo, SimConfig, SimGuest, StateChange, Throttle,
-    VcpuControl, Workload,
+    Capabilities, Destination, GuestRam, Hooked, MigrateError, MigrationStatus, Migrator,
+    ParameterUpdate, SimConfig, SimGuest, SimWorkload, StateChange, Throttle, VcpuControl,
 };
 use precopy_stream::{Decoder, Item, Limits, RamRecord};
-use xbzrle::{PAGE_SIZE, Page};
+use xbzrle::PAGE_SIZE;
 
 fn quick(m: &Migrator) {
     set(
@@ -33,7 +32,7 @@ fn quick(m: &Migrator) {
 
 #[test]
 fn destination_equals_source_for_each_workload_with_and_without_xbzrle() {
-    for (i, w) in Workload::ALL.into_iter().enumerate() {
+    for (i, w) in SimWorkload::ALL.into_iter().enumerate() {
         for xbzrle in [true, false] {
             let g = sim(w, 4, 3000, i as u64);
             let m = migrator(g.clone(), xbzrle, true);
@@ -70,87 +69,21 @@ fn destination_equals_source_for_each_workload_with_and_without_xbzrle() {
     }
 }
 
-type SyncHook = Box<dyn Fn(&SimGuest, u64) + Send + Sync>;
 type ReadHook = Box<dyn Fn(&SimGuest, usize, u64) + Send + Sync>;
 
-/// Hooks around a [`SimGuest`].
-struct Hooked {
-    inner: Arc<SimGuest>,
-    syncs: AtomicU64,
-    on_sync: SyncHook,
-    on_read: ReadHook,
-    throttles: Mutex<Vec<u8>>,
-    log_start_delay: Duration,
-}
-
-impl Hooked {
-    fn new(inner: Arc<SimGuest>) -> Hooked {
-        Hooked {
-            inner,
-            syncs: AtomicU64::new(0),
-            on_sync: Box::new(|_, _| {}),
-            on_read: Box::new(|_, _, _| {}),
-            throttles: Mutex::new(Vec::new()),
-            log_start_delay: Duration::ZERO,
-        }
-    }
-}
-
-impl GuestRam for Hooked {
-    fn blocks(&self) -> Vec<RamBlockInfo> {
-        self.inner.blocks()
-    }
-    fn read_page(&self, block: usize, page: u64, out: &mut Page) -> Result<(), GuestError> {
-        self.inner.read_page(block, page, out)?;
-        (self.on_read)(&self.inner, block, page);
-        Ok(())
-    }
-}
-
-impl DirtyLog for Hooked {
-    fn log_start(&self) -> Result<(), GuestError> {
-        std::thread::sleep(self.log_start_delay);
-        self.inner.log_start()
-    }
-    fn fetch_and_clear(&self, block: usize, bitmap: &mut [u64]) -> Result<(), GuestError> {
-        if block == 0 {
-            let n = self.syncs.fetch_add(1, Ordering::SeqCst) + 1;
-            (self.on_sync)(&self.inner, n);
-        }
-        self.inner.fetch_and_clear(block, bitmap)
-    }
-    fn log_stop(&self) -> Result<(), GuestError> {
-        self.inner.log_stop()
-    }
-}
-
-impl VcpuControl for Hooked {
-    fn stop(&self) -> Result<(), GuestError> {
-        self.inner.stop()
-    }
-    fn resume(&self) -> Result<(), GuestError> {
-        self.inner.resume()
-    }
-    fn is_running(&self) -> bool {
-        self.inner.is_running()
-    }
-}
-
-impl Throttle for Hooked {
-    fn set_throttle(&self, percent: u8) -> Result<(), GuestError> {
-        self.throttles.lock().unwrap().push(percent);
-        self.inner.set_throttle(percent)
-    }
-    fn throttle(&self) -> u8 {
-        self.inner.throttle()
-    }
+/// A hooked guest that records every throttle the engine sets.
+fn recording_throttles(g: Arc<SimGuest>) -> (Arc<Hooked<SimGuest>>, Arc<Mutex<Vec<u8>>>) {
+    let throttles = Arc::new(Mutex::new(Vec::new()));
+    let t = throttles.clone();
+    let h = Hooked::new(g).on_set_throttle(move |_, p| t.lock().unwrap().push(p));
+    (Arc::new(h), throttles)
 }
 
 fn idle_guest(pages: u64) -> Arc<SimGuest> {
     Arc::new(
         SimGuest::new(SimConfig {
             blocks: vec![("pc.ram".into(), pages * PAGE_SIZE as u64)],
-            workload: Workload::Sparse,
+            workload: SimWorkload::Sparse,
             dirty_rate: 0,
             vcpus: 1,
             seed: 7,
@@ -212,9 +145,8 @@ fn records_of(stream: &[u8], offset: u64) -> Vec<(&'static str, Vec<u8>)> {
 fn zero_page_after_cached_page_then_one_byte_change_is_a_3_byte_delta() {
     const P: u64 = 5;
     let inner = idle_guest(64);
-    let mut h = Hooked::new(inner.clone());
     // Sync 1 is setup, sync 2 ends the first (bulk) pass.
-    h.on_sync = Box::new(|g, n| {
+    let h = Hooked::new(inner.clone()).on_sync(|g, n| {
         let mut page = [0u8; PAGE_SIZE];
         match n {
             2 => {
@@ -282,10 +214,9 @@ fn racing_writes() -> ReadHook {
 
 #[test]
 fn guest_writes_between_copy_out_and_send_still_end_equal() {
-    let inner = sim(Workload::Sparse, 2, 2000, 3);
+    let inner = sim(SimWorkload::Sparse, 2, 2000, 3);
     for xbzrle in [true, false] {
-        let mut h = Hooked::new(inner.clone());
-        h.on_read = racing_writes();
+        let h = Hooked::new(inner.clone()).on_read(racing_writes());
         let m = Migrator::new(Arc::new(h));
         m.set_capabilities(Capabilities {
             xbzrle,
@@ -324,8 +255,7 @@ fn second_migration_succeeds(m: &Migrator, g: &SimGuest) {
 fn cancel_in_setup_leaves_source_running_and_a_new_migration_works() {
     let g = idle_guest(256);
     let before = g.snapshot();
-    let mut h = Hooked::new(g.clone());
-    h.log_start_delay = Duration::from_millis(300);
+    let h = Hooked::new(g.clone()).on_log_start(|_| std::thread::sleep(Duration::from_millis(300)));
     let m = Migrator::new(Arc::new(h));
     let events = m.subscribe();
     let d = destination();
@@ -469,7 +399,7 @@ fn converging_guest(seed: u64) -> Arc<SimGuest> {
     Arc::new(
         SimGuest::new(SimConfig {
             blocks: vec![("pc.ram".into(), 4 << 20)],
-            workload: Workload::Sparse,
+            workload: SimWorkload::Sparse,
             dirty_rate: 4000,
             vcpus: 1,
             seed,
@@ -498,7 +428,7 @@ fn does_not_converge_without_auto_converge_and_converges_with_it() {
     assert!(info.error_desc.unwrap().contains("did not converge"));
     assert!(g.is_running());
 
-    let h = Arc::new(Hooked::new(g.clone()));
+    let (h, throttles) = recording_throttles(g.clone());
     let m = Migrator::new(h.clone());
     m.set_capabilities(Capabilities {
         auto_converge: true,
@@ -517,7 +447,7 @@ fn does_not_converge_without_auto_converge_and_converges_with_it() {
     let (info, r) = migrate(&m);
     completed(&info);
     assert_same(&g, &r.unwrap());
-    let t = h.throttles.lock().unwrap().clone();
+    let t = throttles.lock().unwrap().clone();
     assert!(t.first() == Some(&40), "{t:?}");
     assert_eq!(t.last(), Some(&0), "throttle off at the end: {t:?}");
 }
@@ -527,7 +457,7 @@ fn throttle_goes_20_30_40_under_default_parameters() {
     let g = Arc::new(
         SimGuest::new(SimConfig {
             blocks: vec![("pc.ram".into(), 4 << 20)],
-            workload: Workload::Sparse,
+            workload: SimWorkload::Sparse,
             dirty_rate: 40_000,
             vcpus: 1,
             seed: 5,
@@ -535,7 +465,7 @@ fn throttle_goes_20_30_40_under_default_parameters() {
         })
         .unwrap(),
     );
-    let h = Arc::new(Hooked::new(g.clone()));
+    let (h, throttles) = recording_throttles(g.clone());
     let m = Migrator::new(h.clone());
     m.set_capabilities(Capabilities {
         auto_converge: true,
@@ -553,7 +483,7 @@ fn throttle_goes_20_30_40_under_default_parameters() {
     m.start(&d.uri).unwrap();
     let mut seen = Vec::new();
     for _ in 0..300 {
-        seen = h.throttles.lock().unwrap().clone();
+        seen = throttles.lock().unwrap().clone();
         if seen.len() >= 3 || m.status().is_finished() {
             break;
         }
@@ -569,7 +499,7 @@ fn throttle_goes_20_30_40_under_default_parameters() {
 
 #[test]
 fn parameters_change_while_running_and_the_cache_resizes_in_place() {
-    let g = sim(Workload::HotSet, 8, 5000, 9);
+    let g = sim(SimWorkload::HotSet, 8, 5000, 9);
     let m = migrator(g.clone(), true, true);
     set(
         &m,
@@ -652,7 +582,7 @@ fn blockers_and_bad_uris() {
 
 #[test]
 fn parallel_encoding_roundtrip() {
-    for w in [Workload::Mix, Workload::HotSet] {
+    for w in [SimWorkload::Mix, SimWorkload::HotSet] {
         let g = sim(w, 8, 4000, 21);
         let m = Migrator::new(g.clone());
         m.set_capabilities(Capabilities {

@@ -1,11 +1,11 @@
 //! End-to-end smoke test.
 mod common;
 use common::*;
-use precopy_engine::{ParameterUpdate, Workload};
+use precopy_engine::{ParameterUpdate, SimWorkload};
 
 #[test]
 fn smoke() {
-    let g = sim(Workload::Sparse, 8, 2000, 1);
+    let g = sim(SimWorkload::Sparse, 8, 2000, 1);
     let m = migrator(g.clone(), true, true);
     set(
         &m,

@@ -8,24 +8,23 @@
 //! * `random`: every page rewritten with new random data per pass (XBZRLE overflows, PAGE
 //!   records).
 //!
-//! Each migration runs `--passes` passes where a hook dirties every page at each dirty-bitmap
-//! sync; the time the hook itself spends writing is excluded. The first two passes (bulk
+//! Each migration runs `--passes` passes where a hook ([`precopy_engine::Hooked`]) dirties
+//! every page at each dirty-bitmap sync; the time the hook itself spends writing is excluded. The first two passes (bulk
 //! stage, then cache fill) are not counted. Then the XBZRLE-friendly guest again with the
 //! `x-parallel-encoding` capability, for the scaling on all cores.
 //!
 //! `cargo run --release -p precopy-benches --bin engine-throughput [-- --passes N --mib M]`
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use precopy_engine::{
-    Capabilities, DirtyLog, GuestError, GuestRam, MigrationStatus, Migrator, ParameterUpdate,
-    RamBlockInfo, SimConfig, SimGuest, Throttle, VcpuControl, Workload,
+    Capabilities, GuestRam, Hooked, MigrationStatus, Migrator, ParameterUpdate, SimConfig,
+    SimGuest, SimWorkload, VcpuControl, block_pages,
 };
 use rand::{RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
-use xbzrle::{PAGE_SIZE, Page};
+use xbzrle::PAGE_SIZE;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -34,83 +33,42 @@ enum Kind {
     Random,
 }
 
-/// A simulated guest whose every page is dirtied at each sync, for `passes` passes.
-struct Bench {
-    inner: SimGuest,
+/// Dirties every page of a simulated guest at each sync, for `passes` passes (the sync hook
+/// of a [`Hooked`] guest).
+struct Dirtier {
     kind: Kind,
     passes: u64,
-    syncs: AtomicU64,
     rng: Mutex<Xoshiro256PlusPlus>,
     /// (hook entry, hook exit) per sync.
     marks: Mutex<Vec<(Instant, Instant)>>,
 }
 
-impl Bench {
-    fn dirty_all(&self) {
+impl Dirtier {
+    fn dirty_all(&self, g: &SimGuest) {
         let mut rng = self.rng.lock().unwrap();
-        let pages = self.inner.blocks()[0].pages();
+        let pages = block_pages(&g.blocks()[0]);
         let mut page = [0u8; PAGE_SIZE];
         for p in 0..pages {
             match self.kind {
                 Kind::ZeroHeavy => {}
                 Kind::XbzrleFriendly => {
-                    self.inner.read_page(0, p, &mut page).unwrap();
+                    g.read_page(0, p, &mut page).unwrap();
                     let w = (rng.next_u32() as usize % (PAGE_SIZE / 8)) * 8;
                     page[w..w + 8].copy_from_slice(&(rng.next_u64() | 1).to_le_bytes());
                 }
                 Kind::Random => rng.fill_bytes(&mut page),
             }
-            self.inner.write_page(0, p, &page).unwrap();
+            g.write_page(0, p, &page).unwrap();
         }
     }
-}
 
-impl GuestRam for Bench {
-    fn blocks(&self) -> Vec<RamBlockInfo> {
-        self.inner.blocks()
-    }
-    fn read_page(&self, block: usize, page: u64, out: &mut Page) -> Result<(), GuestError> {
-        self.inner.read_page(block, page, out)
-    }
-}
-
-impl DirtyLog for Bench {
-    fn log_start(&self) -> Result<(), GuestError> {
-        self.inner.log_start()
-    }
-    fn fetch_and_clear(&self, block: usize, bitmap: &mut [u64]) -> Result<(), GuestError> {
-        let n = self.syncs.fetch_add(1, Ordering::SeqCst) + 1;
+    /// At sync `n`: sync 1 is setup; dirty everything at the end of passes 1..passes-1.
+    fn on_sync(&self, g: &SimGuest, n: u64) {
         let t0 = Instant::now();
-        // Sync 1 is setup; dirty everything at the end of passes 1..passes-1.
-        if (2..=self.passes).contains(&n) && self.inner.is_running() {
-            self.dirty_all();
+        if (2..=self.passes).contains(&n) && g.is_running() {
+            self.dirty_all(g);
         }
         self.marks.lock().unwrap().push((t0, Instant::now()));
-        self.inner.fetch_and_clear(block, bitmap)
-    }
-    fn log_stop(&self) -> Result<(), GuestError> {
-        self.inner.log_stop()
-    }
-}
-
-impl VcpuControl for Bench {
-    fn stop(&self) -> Result<(), GuestError> {
-        self.inner.stop()
-    }
-    fn resume(&self) -> Result<(), GuestError> {
-        self.inner.resume()
-    }
-    fn is_running(&self) -> bool {
-        self.inner.is_running()
-    }
-}
-
-impl Throttle for Bench {
-    fn set_throttle(&self, p: u8) -> Result<(), GuestError> {
-        self.inner.set_throttle(p)
-    }
-    fn throttle(&self) -> u8 {
-        self.inner.throttle()
     }
 }
 
@@ -122,22 +80,22 @@ struct Result1 {
 fn run(kind: Kind, mib: u64, passes: u64, parallel: bool) -> Result1 {
     let inner = SimGuest::new(SimConfig {
         blocks: vec![("pc.ram".into(), mib << 20)],
-        workload: Workload::Sparse,
+        workload: SimWorkload::Sparse,
         dirty_rate: 0,
         vcpus: 1,
         seed: 42,
         initial_zero_percent: if kind == Kind::ZeroHeavy { 100 } else { 0 },
     })
     .expect("guest");
-    let bench = Arc::new(Bench {
-        inner,
+    let dirtier = Arc::new(Dirtier {
         kind,
         passes,
-        syncs: AtomicU64::new(0),
         rng: Mutex::new(Xoshiro256PlusPlus::seed_from_u64(7)),
         marks: Mutex::new(Vec::new()),
     });
-    let m = Migrator::new(bench.clone());
+    let d = dirtier.clone();
+    let guest = Hooked::new(Arc::new(inner)).on_sync(move |g, n| d.on_sync(g, n));
+    let m = Migrator::new(Arc::new(guest));
     m.set_capabilities(Capabilities {
         xbzrle: true,
         auto_converge: false,
@@ -153,7 +111,7 @@ fn run(kind: Kind, mib: u64, passes: u64, parallel: bool) -> Result1 {
     m.start_to(std::io::sink()).unwrap();
     let info = m.wait().unwrap();
     assert_eq!(info.status, MigrationStatus::Completed, "{info:?}");
-    let marks = bench.marks.lock().unwrap().clone();
+    let marks = dirtier.marks.lock().unwrap().clone();
     // marks[k] is sync k+1; pass k runs from the exit of sync k to the entry of sync k+1.
     // Count passes 3..=passes (the bulk pass and the cache-filling pass excluded).
     // Best pass, as memcpy's best of five: the machine is shared and noisy.

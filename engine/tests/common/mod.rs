@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use precopy_engine::{
     Capabilities, Destination, IncomingError, IncomingListener, MigrationInfo, MigrationStatus,
-    Migrator, ParameterUpdate, Received, SimConfig, SimGuest, Workload,
+    Migrator, ParameterUpdate, Received, SimConfig, SimGuest, SimWorkload,
 };
 use precopy_stream::Limits;
 
@@ -27,7 +27,7 @@ pub(crate) fn destination() -> Dest {
     Dest { uri, state, thread }
 }
 
-pub(crate) fn sim(workload: Workload, mib: u64, dirty_rate: u64, seed: u64) -> Arc<SimGuest> {
+pub(crate) fn sim(workload: SimWorkload, mib: u64, dirty_rate: u64, seed: u64) -> Arc<SimGuest> {
     Arc::new(
         SimGuest::new(SimConfig {
             blocks: vec![("pc.ram".into(), mib << 20), ("vga.vram".into(), 256 << 10)],

@@ -15,11 +15,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use xbzrle::PAGE_SIZE;
 
 use super::KvmError;
-
-/// Guest page size used for the dirty log and for page copies (bytes).
-pub const PAGE_SIZE: usize = 4096;
 
 /// Default largest KVM memory slot (bytes). Larger RAM is split into
 /// several slots; every slot but the last has the slot size, a multiple of
@@ -83,19 +81,19 @@ impl SyncTiming {
 /// Pages are read and written only through vm-memory's volatile copies, so
 /// no `&[u8]` ever covers memory a vCPU may be writing.
 #[derive(Debug)]
-pub struct GuestRam {
+pub struct KvmRam {
     mem: GuestMemoryMmap,
     slots: Vec<Slot>,
     size: u64,
     manual_protect: bool,
 }
 
-impl GuestRam {
+impl KvmRam {
     /// Allocates `size` bytes (a positive multiple of [`PAGE_SIZE`]) and
     /// registers them with `vm` as slots 0.. of at most `slot_size` bytes
     /// (a positive multiple of 64 pages) with `KVM_MEM_LOG_DIRTY_PAGES`.
     /// Enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` first when the kernel
-    /// offers it (see [`GuestRam::manual_protect`]).
+    /// offers it (see [`KvmRam::manual_protect`]).
     ///
     /// Errors: [`KvmError::Config`] for a bad size, [`KvmError::Memory`]
     /// when the mmap fails, [`KvmError::Ioctl`] when KVM refuses a slot.
@@ -265,7 +263,7 @@ impl GuestRam {
 
     /// Bitmap sync: fetches and clears KVM's dirty log of every slot into
     /// `bitmap` (one bit per page, bit `p % 64` of word `p / 64` for page
-    /// `p`; must hold [`GuestRam::bitmap_words`] words). Bits are OR-ed in,
+    /// `p`; must hold [`KvmRam::bitmap_words`] words). Bits are OR-ed in,
     /// so a caller may accumulate several syncs.
     ///
     /// With manual protection the reported pages are re-protected by

@@ -1,9 +1,18 @@
-//! The VMM boundary: what the engine needs from a guest, as four small traits.
+//! Guests: the VMM boundary (what the engine needs from a guest, as four small traits) and
+//! the guests the engine ships.
 //!
-//! A VMM author plugs the engine into a VMM by implementing these traits for their guest
-//! (the engine ships two implementations: the simulated guest in [`crate::sim`] and, with
-//! the `kvm` feature, a real KVM guest). The engine is the only caller during a migration;
+//! A VMM author plugs the engine into a VMM by implementing these traits for their guest.
+//! The engine ships two implementations: the simulated guest in [`sim`] and, with the `kvm`
+//! feature, a real KVM guest in `kvm`. [`Hooked`] wraps any guest to run a closure at each
+//! dirty-bitmap sync (tests and benches). The engine is the only caller during a migration;
 //! every method may be called from the engine's migration thread while vCPUs run.
+//!
+//! | module | what |
+//! |---|---|
+//! | this file | the traits, [`GuestError`], [`GuestRamWrite`] (the destination's way in) |
+//! | [`sim`] | [`SimGuest`](sim::SimGuest): RAM in atomics, seeded writer threads |
+//! | `kvm` | `KvmVm`: a real KVM VM (feature `kvm`, Linux x86_64) |
+//! | `hooked` | [`Hooked`]: a guest wrapper with a sync hook |
 //!
 //! | trait | QEMU counterpart | used for |
 //! |---|---|---|
@@ -21,22 +30,21 @@ use std::sync::Arc;
 
 use xbzrle::{PAGE_SIZE, Page};
 
-/// One RAM block of a guest, as it appears in the stream's MEM_SIZE record.
-///
-/// Source: QEMU `RAMBlock` (`idstr`, `used_length`), include/exec/ramblock.h.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RamBlockInfo {
-    /// The block's id string, e.g. `pc.ram`; 1..=255 bytes (it is written with a u8 length).
-    pub name: String,
-    /// Bytes of the block that are migrated; a multiple of [`PAGE_SIZE`].
-    pub used_length: u64,
-}
+mod hooked;
+pub mod sim;
 
-impl RamBlockInfo {
-    /// Number of pages in the block (`used_length / PAGE_SIZE`).
-    pub fn pages(&self) -> u64 {
-        self.used_length / PAGE_SIZE as u64
-    }
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm;
+
+pub use hooked::{Hooked, SyncHook};
+/// One RAM block of a guest, as it appears in the stream's MEM_SIZE record (QEMU
+/// `RAMBlock`'s `idstr` and `used_length`): the stream's own type, so a guest's block list
+/// is written as is.
+pub use precopy_stream::RamBlockInfo;
+
+/// Number of pages in a RAM block (`used_length / PAGE_SIZE`).
+pub fn block_pages(block: &RamBlockInfo) -> u64 {
+    block.used_length / PAGE_SIZE as u64
 }
 
 /// An error reported by a guest implementation.
@@ -72,9 +80,10 @@ pub enum GuestError {
     /// The VMM failed (an ioctl, a closed vCPU channel, ...).
     #[error("VMM error: {0}")]
     Io(#[from] std::io::Error),
-    /// Anything else the VMM wants to report.
+    /// Anything else the VMM wants to report (e.g. a `KvmError`); a `String` or `&str`
+    /// converts with `.into()`.
     #[error("{0}")]
-    Other(String),
+    Other(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// One device section for the stream: `(id string, instance id, version id, payload)`.
@@ -167,12 +176,24 @@ impl<T: GuestRam + DirtyLog + VcpuControl + Throttle + ?Sized> Guest for T {}
 /// A shared guest handle, as the engine holds it.
 pub type SharedGuest = Arc<dyn Guest>;
 
-/// Where the destination puts incoming RAM.
+/// Where the destination puts incoming RAM: the one way received RAM enters a guest
+/// (`Received::write_into` calls it; the KVM guest's `KvmVm::from_received` goes through
+/// it, and [`SimGuest`](sim::SimGuest) implements it).
 ///
 /// Contract: [`write_page`](GuestRamWrite::write_page) receives each page's final content
-/// once the stream completed and verified; blocks are those of the source's MEM_SIZE record,
-/// matched by name (an implementation returns [`GuestError::Other`] for an unknown block).
+/// once the stream completed and verified, straight from the received image (no copy in
+/// between); blocks are those of the source's MEM_SIZE record, matched by name (an
+/// implementation returns an error for an unknown block). Pages that are all zero are
+/// skipped when [`is_zeroed`](GuestRamWrite::is_zeroed) says the guest RAM is still all
+/// zero (a freshly created guest), so they cost nothing.
 pub trait GuestRamWrite {
+    /// What a failed write reports.
+    type Error;
     /// Store one page of block `name` at page index `page`.
-    fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), GuestError>;
+    fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), Self::Error>;
+    /// True while every byte of the guest's RAM is zero (default false: every page is
+    /// written).
+    fn is_zeroed(&self) -> bool {
+        false
+    }
 }

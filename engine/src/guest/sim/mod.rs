@@ -12,93 +12,21 @@
 
 use std::alloc::Layout;
 use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use xbzrle::{PAGE_SIZE, Page};
 
-use crate::traits::{DirtyLog, GuestError, GuestRam, RamBlockInfo, Throttle, VcpuControl};
+use super::{DirtyLog, GuestError, GuestRam, GuestRamWrite, RamBlockInfo, Throttle, VcpuControl};
+use vcpu::{Block, Inner, RunState, WORDS_PER_PAGE};
 
-const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
-/// QEMU's CPU_THROTTLE_TIMESLICE_NS: 10 ms.
-const SLICE: Duration = Duration::from_millis(10);
-/// Largest hot set of the `hotset` workload: 48 MiB, so it fits the default 64 MiB XBZRLE
-/// cache with room to spare.
-const HOT_SET_MAX_PAGES: u64 = 12288;
+mod vcpu;
+mod workload;
 
-/// A named, seeded pattern in which the simulated vCPUs dirty memory. One "write" dirties one
-/// page; the dirty rate counts writes per second.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Workload {
-    /// `sparse`: one random 8-byte word of a uniformly chosen page (XBZRLE-friendly).
-    Sparse,
-    /// `cacheline`: one random 64-byte cache line of a uniformly chosen page.
-    CacheLine,
-    /// `fullpage`: the whole page rewritten with random data (XBZRLE overflows).
-    FullPage,
-    /// `zeroing`: half the writes zero a whole page, half write one word (pages going to zero
-    /// and coming back).
-    Zeroing,
-    /// `hotset`: 90 % of the writes go to a hot set (1/16 of RAM, at most 48 MiB), sparse word
-    /// updates; 10 % anywhere.
-    HotSet,
-    /// `mix`: each write picks one of the above (40 % hotset, 20 % sparse, 20 % cacheline,
-    /// 10 % zeroing, 10 % fullpage).
-    Mix,
-}
-
-impl Workload {
-    /// Every workload, in a fixed order.
-    pub const ALL: [Workload; 6] = [
-        Workload::Sparse,
-        Workload::CacheLine,
-        Workload::FullPage,
-        Workload::Zeroing,
-        Workload::HotSet,
-        Workload::Mix,
-    ];
-
-    /// The workload's name as accepted by [`FromStr`].
-    pub fn name(self) -> &'static str {
-        match self {
-            Workload::Sparse => "sparse",
-            Workload::CacheLine => "cacheline",
-            Workload::FullPage => "fullpage",
-            Workload::Zeroing => "zeroing",
-            Workload::HotSet => "hotset",
-            Workload::Mix => "mix",
-        }
-    }
-}
-
-impl fmt::Display for Workload {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// An unknown workload name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown workload {0:?} (expected one of sparse, cacheline, fullpage, zeroing, hotset, mix)"
-)]
-pub struct UnknownWorkload(pub String);
-
-impl FromStr for Workload {
-    type Err = UnknownWorkload;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Workload::ALL
-            .into_iter()
-            .find(|w| w.name() == s)
-            .ok_or_else(|| UnknownWorkload(s.to_owned()))
-    }
-}
+pub use workload::{SimWorkload, UnknownWorkload};
 
 /// Configuration of a [`SimGuest`].
 #[derive(Clone, Debug)]
@@ -107,7 +35,7 @@ pub struct SimConfig {
     /// pages ([`SimConfigError::Unaligned`] otherwise).
     pub blocks: Vec<(String, u64)>,
     /// How the vCPUs dirty memory.
-    pub workload: Workload,
+    pub workload: SimWorkload,
     /// Pages dirtied per second by all vCPUs together, before throttling; 0 = idle guest,
     /// `u64::MAX` = as fast as the writers can go.
     pub dirty_rate: u64,
@@ -124,20 +52,13 @@ impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             blocks: vec![("pc.ram".to_owned(), 64 << 20)],
-            workload: Workload::Sparse,
+            workload: SimWorkload::Sparse,
             dirty_rate: 0,
             vcpus: 1,
             seed: 0,
             initial_zero_percent: 25,
         }
     }
-}
-
-struct Block {
-    name: String,
-    pages: u64,
-    words: Box<[AtomicU64]>,
-    dirty: Box<[AtomicU64]>,
 }
 
 /// Allocate `n` zeroed atomics, or `None` when the allocator cannot provide them (or the
@@ -159,169 +80,7 @@ fn zeroed_atomics(n: usize) -> Option<Box<[AtomicU64]>> {
     }
 }
 
-struct RunState {
-    running: bool,
-    parked: usize,
-}
-
-struct Inner {
-    blocks: Vec<Block>,
-    /// Flat page index where each block starts (for uniform choice over all pages).
-    starts: Vec<u64>,
-    total_pages: u64,
-    workload: Workload,
-    vcpus: usize,
-    dirty_rate: AtomicU64,
-    throttle: AtomicU8,
-    stop_req: AtomicBool,
-    shutdown: AtomicBool,
-    run: Mutex<RunState>,
-    cv: Condvar,
-    writes: AtomicU64,
-}
-
-impl Inner {
-    fn lock(&self) -> MutexGuard<'_, RunState> {
-        self.run.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn locate(&self, flat: u64) -> (usize, u64) {
-        let b = self.starts.partition_point(|&s| s <= flat) - 1;
-        (b, flat - self.starts[b])
-    }
-
-    fn mark(&self, block: usize, page: u64) {
-        self.blocks[block].dirty[(page / 64) as usize]
-            .fetch_or(1 << (page % 64), Ordering::Release);
-    }
-
-    fn store_word(&self, block: usize, page: u64, word: usize, v: u64) {
-        self.blocks[block].words[page as usize * WORDS_PER_PAGE + word].store(v, Ordering::Relaxed);
-    }
-
-    fn one_write(&self, rng: &mut Xoshiro256PlusPlus, w: Workload) {
-        let hot = (self.total_pages / 16).clamp(1, HOT_SET_MAX_PAGES);
-        let w = if w == Workload::Mix {
-            match rng.gen_range(0..10) {
-                0..=3 => Workload::HotSet,
-                4 | 5 => Workload::Sparse,
-                6 | 7 => Workload::CacheLine,
-                8 => Workload::Zeroing,
-                _ => Workload::FullPage,
-            }
-        } else {
-            w
-        };
-        let flat = if w == Workload::HotSet && rng.gen_range(0..10) != 0 {
-            // Hot pages are spread over RAM by a fixed odd multiplier (a permutation).
-            (rng.gen_range(0..hot).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % self.total_pages
-        } else {
-            rng.gen_range(0..self.total_pages)
-        };
-        let (b, p) = self.locate(flat);
-        match w {
-            Workload::Sparse | Workload::HotSet | Workload::Mix => {
-                self.store_word(b, p, rng.gen_range(0..WORDS_PER_PAGE), rng.next_u64());
-            }
-            Workload::CacheLine => {
-                let line = rng.gen_range(0..WORDS_PER_PAGE / 8) * 8;
-                for i in 0..8 {
-                    self.store_word(b, p, line + i, rng.next_u64());
-                }
-            }
-            Workload::FullPage => {
-                for i in 0..WORDS_PER_PAGE {
-                    self.store_word(b, p, i, rng.next_u64());
-                }
-            }
-            Workload::Zeroing => {
-                if rng.gen_bool(0.5) {
-                    for i in 0..WORDS_PER_PAGE {
-                        self.store_word(b, p, i, 0);
-                    }
-                } else {
-                    self.store_word(b, p, rng.gen_range(0..WORDS_PER_PAGE), rng.next_u64() | 1);
-                }
-            }
-        }
-        self.mark(b, p);
-        self.writes.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Park while stopped. Returns false on shutdown.
-    fn park_if_stopped(&self) -> bool {
-        if !self.stop_req.load(Ordering::Acquire) {
-            return !self.shutdown.load(Ordering::Acquire);
-        }
-        let mut g = self.lock();
-        g.parked += 1;
-        self.cv.notify_all();
-        while !g.running && !self.shutdown.load(Ordering::Acquire) {
-            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
-        }
-        g.parked -= 1;
-        !self.shutdown.load(Ordering::Acquire)
-    }
-
-    /// Sleep until `until`, waking early on stop or shutdown.
-    fn sleep_until(&self, until: Instant) {
-        let mut g = self.lock();
-        loop {
-            let now = Instant::now();
-            if now >= until
-                || self.stop_req.load(Ordering::Acquire)
-                || self.shutdown.load(Ordering::Acquire)
-            {
-                return;
-            }
-            g = self
-                .cv
-                .wait_timeout(g, until - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    fn writer(&self, seed: u64) {
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-        let mut carry = 0.0f64;
-        while self.park_if_stopped() {
-            let start = Instant::now();
-            let rate = self.dirty_rate.load(Ordering::Relaxed);
-            if rate == 0 {
-                self.sleep_until(start + SLICE);
-                continue;
-            }
-            if rate == u64::MAX {
-                let mut n = 0u32;
-                while !self.stop_req.load(Ordering::Acquire) {
-                    self.one_write(&mut rng, self.workload);
-                    n += 1;
-                    if n.is_multiple_of(64) && start.elapsed() >= SLICE {
-                        break;
-                    }
-                }
-            } else {
-                carry += rate as f64 * SLICE.as_secs_f64() / self.vcpus as f64;
-                let n = carry as u64;
-                carry -= n as f64;
-                for i in 0..n {
-                    if i.is_multiple_of(32) && self.stop_req.load(Ordering::Acquire) {
-                        break;
-                    }
-                    self.one_write(&mut rng, self.workload);
-                }
-                self.sleep_until(start + SLICE);
-            }
-            let p = u32::from(self.throttle.load(Ordering::Relaxed).min(99));
-            if p > 0 {
-                self.sleep_until(Instant::now() + SLICE * p / (100 - p));
-            }
-        }
-    }
-}
-
-/// The simulated guest. Implements every trait of [`crate::traits`].
+/// The simulated guest. Implements every trait of [`crate::guest`].
 ///
 /// Writer threads start in [`SimGuest::new`] (running, unless the dirty rate is 0, in which
 /// case they idle) and stop when the guest is dropped.
@@ -639,6 +398,23 @@ impl VcpuControl for SimGuest {
     }
 }
 
+/// Destination side: received pages land in the block of that name (marked dirty, as any
+/// write). Errors: [`GuestError::Other`] for a block this guest does not have.
+impl GuestRamWrite for SimGuest {
+    type Error = GuestError;
+
+    fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), GuestError> {
+        let block = self
+            .inner
+            .blocks
+            .iter()
+            .position(|b| b.name == name)
+            .ok_or_else(|| format!("RAM block {name:?} is not one of this guest's").into())
+            .map_err(GuestError::Other)?;
+        SimGuest::write_page(self, block, page, data)
+    }
+}
+
 impl Throttle for SimGuest {
     fn set_throttle(&self, percent: u8) -> Result<(), GuestError> {
         self.inner
@@ -653,170 +429,4 @@ impl Throttle for SimGuest {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn guest(rate: u64) -> SimGuest {
-        SimGuest::new(SimConfig {
-            blocks: vec![("a".into(), 1 << 20), ("b".into(), 64 << 10)],
-            workload: Workload::Mix,
-            dirty_rate: rate,
-            vcpus: 2,
-            seed: 3,
-            initial_zero_percent: 50,
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn workload_names_roundtrip() {
-        for w in Workload::ALL {
-            assert_eq!(w.name().parse::<Workload>().unwrap(), w);
-        }
-        assert!("nope".parse::<Workload>().is_err());
-    }
-
-    #[test]
-    fn bad_configs_are_typed_errors() {
-        let c = SimConfig::default();
-        let e = |c: SimConfig| SimGuest::new(c).unwrap_err();
-        assert_eq!(
-            e(SimConfig {
-                vcpus: 0,
-                ..c.clone()
-            }),
-            SimConfigError::NoVcpu
-        );
-        assert_eq!(
-            e(SimConfig {
-                blocks: vec![],
-                ..c.clone()
-            }),
-            SimConfigError::NoRam
-        );
-        assert!(matches!(
-            e(SimConfig {
-                blocks: vec![("x".into(), 4096), ("x".into(), 4096)],
-                ..c.clone()
-            }),
-            SimConfigError::DuplicateName(_)
-        ));
-        assert!(matches!(
-            e(SimConfig {
-                blocks: vec![(String::new(), 4096)],
-                ..c.clone()
-            }),
-            SimConfigError::BadName(_)
-        ));
-        assert_eq!(
-            e(SimConfig {
-                initial_zero_percent: 101,
-                ..c
-            }),
-            SimConfigError::ZeroPercent(101)
-        );
-    }
-
-    #[test]
-    fn ram_not_a_whole_number_of_pages_is_refused() {
-        let e = SimGuest::new(SimConfig {
-            blocks: vec![("pc.ram".into(), 5000)],
-            ..SimConfig::default()
-        })
-        .unwrap_err();
-        assert_eq!(
-            e,
-            SimConfigError::Unaligned {
-                block: "pc.ram".into(),
-                bytes: 5000
-            }
-        );
-    }
-
-    #[test]
-    fn ram_larger_than_the_host_is_a_typed_error() {
-        // 1 PiB: more than any host (or x86-64 user address space) can provide.
-        let e = SimGuest::new(SimConfig {
-            blocks: vec![("pc.ram".into(), 1 << 50)],
-            ..SimConfig::default()
-        })
-        .unwrap_err();
-        assert_eq!(
-            e,
-            SimConfigError::OutOfMemory {
-                block: "pc.ram".into(),
-                bytes: 1 << 50
-            }
-        );
-        assert!(e.to_string().contains("not enough memory"), "{e}");
-    }
-
-    #[test]
-    fn out_of_range_access_is_an_error() {
-        let g = guest(0);
-        let mut p = [0u8; PAGE_SIZE];
-        assert!(matches!(
-            g.read_page(2, 0, &mut p),
-            Err(GuestError::NoSuchBlock { block: 2 })
-        ));
-        assert!(matches!(
-            g.read_page(1, 16, &mut p),
-            Err(GuestError::PageOutOfRange { pages: 16, .. })
-        ));
-        let mut bm = vec![0u64; 3];
-        assert!(matches!(
-            g.fetch_and_clear(0, &mut bm),
-            Err(GuestError::BitmapSize { expected: 4, .. })
-        ));
-    }
-
-    #[test]
-    fn writes_are_logged_and_stop_really_stops() {
-        let g = guest(20_000);
-        g.log_start().unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        g.stop().unwrap();
-        assert!(!g.is_running());
-        let w = g.writes();
-        assert!(w > 0);
-        let mut bm = vec![0u64; 4];
-        g.fetch_and_clear(0, &mut bm).unwrap();
-        assert!(bm.iter().any(|&x| x != 0));
-        // Stopped: nothing more is written or logged.
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(g.writes(), w);
-        let mut again = vec![0u64; 4];
-        g.fetch_and_clear(0, &mut again).unwrap();
-        assert!(again.iter().all(|&x| x == 0));
-        // A page written by hand is logged and read back.
-        let page = [9u8; PAGE_SIZE];
-        g.write_page(1, 3, &page).unwrap();
-        let mut bm1 = vec![0u64; 1];
-        g.fetch_and_clear(1, &mut bm1).unwrap();
-        assert_eq!(bm1[0] & (1 << 3), 1 << 3);
-        let mut out = [0u8; PAGE_SIZE];
-        g.read_page(1, 3, &mut out).unwrap();
-        assert_eq!(out, page);
-        g.resume().unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(g.writes() > w + 1);
-    }
-
-    #[test]
-    fn dirty_rate_and_throttle_are_honoured() {
-        let g = guest(4000);
-        std::thread::sleep(Duration::from_millis(500));
-        let free = g.writes();
-        // 4000 pages/s for 0.5 s: about 2000, never far above.
-        assert!((200..=3000).contains(&free), "{free}");
-        g.set_throttle(99).unwrap();
-        assert_eq!(g.throttle(), 99);
-        std::thread::sleep(Duration::from_millis(60));
-        let w0 = g.writes();
-        std::thread::sleep(Duration::from_millis(500));
-        // At 99 % each vCPU runs 10 ms per second: at most one slice here.
-        let throttled = g.writes() - w0;
-        assert!(throttled * 4 < free, "{throttled} vs {free}");
-        g.set_throttle(0).unwrap();
-    }
-}
+mod tests;

@@ -1,4 +1,4 @@
-//! The engine's guest traits ([`crate::traits`]) for a [`KvmVm`].
+//! The engine's guest traits ([`crate::guest`]) for a [`KvmVm`].
 //!
 //! The VM's RAM is one RAM block, [`RAM_BLOCK_NAME`] (QEMU's name for a PC's
 //! main RAM), whatever number of KVM slots back it. One
@@ -7,10 +7,11 @@
 
 use xbzrle::Page;
 
-use super::{KvmError, KvmVm, PAGE_SIZE};
-use crate::traits::{
-    DeviceStateEntry, DirtyLog, GuestError, GuestRam, GuestRamWrite, RamBlockInfo, Throttle,
-    VcpuControl,
+use xbzrle::PAGE_SIZE;
+
+use super::{KvmError, KvmVm};
+use crate::guest::{
+    DeviceStateEntry, DirtyLog, GuestError, GuestRam, RamBlockInfo, Throttle, VcpuControl,
 };
 
 /// Name of the VM's single RAM block.
@@ -18,7 +19,7 @@ pub const RAM_BLOCK_NAME: &str = "pc.ram";
 
 impl From<KvmError> for GuestError {
     fn from(e: KvmError) -> Self {
-        GuestError::Other(e.to_string())
+        GuestError::Other(Box::new(e))
     }
 }
 
@@ -37,10 +38,7 @@ impl KvmVm {
 
 impl GuestRam for KvmVm {
     fn blocks(&self) -> Vec<RamBlockInfo> {
-        vec![RamBlockInfo {
-            name: RAM_BLOCK_NAME.to_owned(),
-            used_length: self.ram().size(),
-        }]
+        vec![RamBlockInfo::new(RAM_BLOCK_NAME, self.ram().size())]
     }
 
     fn read_page(&self, block: usize, page: u64, out: &mut Page) -> Result<(), GuestError> {
@@ -110,19 +108,5 @@ impl Throttle for KvmVm {
 
     fn throttle(&self) -> u8 {
         self.vcpus().throttle().min(99) as u8
-    }
-}
-
-/// Destination side: received pages go straight into the VM's RAM.
-impl GuestRamWrite for &KvmVm {
-    fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), GuestError> {
-        if name != RAM_BLOCK_NAME {
-            return Err(GuestError::Other(format!(
-                "RAM block {name:?} is not this VM's {RAM_BLOCK_NAME:?}"
-            )));
-        }
-        self.check_page(0, page)?;
-        self.ram().write(page * PAGE_SIZE as u64, data)?;
-        Ok(())
     }
 }

@@ -16,7 +16,9 @@
 //! - vCPU state (regs, sregs, FPU, events, MSRs) saved to and restored
 //!   from bytes ([`state`]) so it can travel in a device section of the
 //!   migration stream;
-//! - the engine's guest traits ([`guest`]): one RAM block `pc.ram`.
+//! - the engine's guest traits ([`traits`]): one RAM block `pc.ram`;
+//! - what a KVM guest adds to a migration ([`migration`]): the vCPU state as a
+//!   device section, and the destination VM built from a [`Received`](crate::Received).
 //!
 //! ```no_run
 //! use precopy_engine::kvm::{KvmConfig, KvmVm};
@@ -28,11 +30,11 @@
 //! # Ok::<(), precopy_engine::kvm::KvmError>(())
 //! ```
 
-pub mod guest;
 pub mod migration;
 pub mod program;
 pub mod ram;
 pub mod state;
+pub mod traits;
 pub mod vcpu;
 
 use std::sync::Mutex;
@@ -41,11 +43,11 @@ use std::time::Duration;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 
-pub use guest::RAM_BLOCK_NAME;
 pub use migration::{DeviceSection, GuestReport, SelfCheck, VCPU_SECTION};
-pub use program::{GuestStatus, Workload};
-pub use ram::{GuestRam, PAGE_SIZE, SyncTiming};
+pub use program::{GuestStatus, KvmWorkload};
+pub use ram::{KvmRam, SyncTiming};
 pub use state::VcpuState;
+pub use traits::RAM_BLOCK_NAME;
 pub use vcpu::VcpuSet;
 
 /// Errors of the KVM guest.
@@ -107,7 +109,7 @@ pub struct KvmConfig {
     /// fast as the vCPUs run. Default 0.
     pub dirty_rate: u64,
     /// The guest program's memory patterns.
-    pub workload: Workload,
+    pub workload: KvmWorkload,
     /// Largest KVM memory slot in bytes (multiple of 256 KiB); RAM is split
     /// into slots of this size. Default [`ram::MAX_SLOT_SIZE`] (1 GiB).
     pub slot_size: u64,
@@ -119,7 +121,7 @@ impl Default for KvmConfig {
             mem_size: DEFAULT_MEM_SIZE,
             vcpus: 1,
             dirty_rate: 0,
-            workload: Workload::default(),
+            workload: KvmWorkload::default(),
             slot_size: ram::MAX_SLOT_SIZE,
         }
     }
@@ -157,7 +159,7 @@ pub struct KvmVm {
     // the VM fd, then the memory it maps.
     vcpus: VcpuSet,
     vm: VmFd,
-    ram: GuestRam,
+    ram: KvmRam,
     msr_list: Vec<u32>,
     syncs: Mutex<SyncTotals>,
     _kvm: Kvm,
@@ -219,7 +221,7 @@ impl KvmVm {
                 op: "KVM_SET_TSS_ADDR",
                 source,
             })?;
-        let ram = GuestRam::new(&vm, mem_size, slot_size)?;
+        let ram = KvmRam::new(&vm, mem_size, slot_size)?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| KvmError::Ioctl {
@@ -259,7 +261,7 @@ impl KvmVm {
     }
 
     /// Guest RAM.
-    pub fn ram(&self) -> &GuestRam {
+    pub fn ram(&self) -> &KvmRam {
         &self.ram
     }
 
@@ -294,7 +296,7 @@ impl KvmVm {
     }
 
     /// Bitmap sync: ORs the pages dirtied since the last sync into `bitmap`
-    /// and re-arms dirty logging for them (see [`GuestRam::sync_dirty_log`]).
+    /// and re-arms dirty logging for them (see [`KvmRam::sync_dirty_log`]).
     pub fn sync_dirty_log(&self, bitmap: &mut [u64]) -> Result<SyncTiming, KvmError> {
         let t = self.ram.sync_dirty_log(&self.vm, bitmap)?;
         let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());

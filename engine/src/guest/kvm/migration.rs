@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{KvmError, KvmVm, PAGE_SIZE, RAM_BLOCK_NAME, state};
+use xbzrle::{PAGE_SIZE, Page};
+
+use super::{KvmError, KvmVm, RAM_BLOCK_NAME, state};
+use crate::destination::Received;
+use crate::guest::GuestRamWrite;
 
 /// Id string of the device section carrying the vCPU state.
 pub const VCPU_SECTION: &str = "precopy/vcpu";
@@ -69,39 +73,38 @@ impl KvmVm {
         })
     }
 
-    /// Destination: builds a stopped VM from received RAM and the vCPU
-    /// section. `blocks` are the stream's RAM blocks as `(name, bytes)`;
-    /// exactly one, [`RAM_BLOCK_NAME`], is expected. `read_page(page, out)`
-    /// fills `out` with page `page` of that block. `vcpu_section` is the
-    /// payload of the [`VCPU_SECTION`] device section.
+    /// Destination: builds a stopped VM from a verified incoming migration: RAM of the
+    /// size of its one RAM block, [`RAM_BLOCK_NAME`], filled through
+    /// [`Received::write_into`] (each non-zero page copied once, from the received image
+    /// into guest memory), and vCPUs from its [`VCPU_SECTION`] device section.
     ///
-    /// Errors: [`KvmError::Config`] for unexpected blocks, a missing or
-    /// bad vCPU section ([`KvmError::State`]), and KVM's errors.
-    pub fn from_migration(
-        blocks: &[(String, u64)],
-        mut read_page: impl FnMut(u64, &mut [u8; PAGE_SIZE]) -> Result<(), KvmError>,
-        vcpu_section: &[u8],
-    ) -> Result<Self, KvmError> {
-        let [(name, size)] = blocks else {
+    /// Errors: [`KvmError::Config`] for unexpected blocks or a missing vCPU section, a bad
+    /// vCPU section ([`KvmError::State`]), and KVM's errors.
+    pub fn from_received(received: &Received) -> Result<Self, KvmError> {
+        let vcpu_section = &received
+            .device_states
+            .iter()
+            .find(|d| d.name == VCPU_SECTION)
+            .ok_or_else(|| {
+                KvmError::Config(format!("the stream has no {VCPU_SECTION:?} device section"))
+            })?
+            .payload;
+        let blocks = received.image.blocks();
+        let [block] = blocks else {
             return Err(KvmError::Config(format!(
                 "{} RAM blocks received; a KVM guest has one, {RAM_BLOCK_NAME:?}",
                 blocks.len()
             )));
         };
-        if name != RAM_BLOCK_NAME {
+        if block.name() != RAM_BLOCK_NAME {
             return Err(KvmError::Config(format!(
-                "RAM block {name:?} received; a KVM guest has {RAM_BLOCK_NAME:?}"
+                "RAM block {:?} received; a KVM guest has {RAM_BLOCK_NAME:?}",
+                block.name()
             )));
         }
         let states = state::decode(vcpu_section)?;
-        let vm = KvmVm::new_incoming(*size, states.len())?;
-        let mut page = [0u8; PAGE_SIZE];
-        for p in 0..vm.ram().pages() {
-            read_page(p, &mut page)?;
-            if page.iter().any(|b| *b != 0) {
-                vm.ram().write(p * PAGE_SIZE as u64, &page)?;
-            }
-        }
+        let vm = KvmVm::new_incoming(block.len(), states.len())?;
+        received.write_into(&mut IncomingRam(&vm))?;
         vm.restore_state(vcpu_section)?;
         Ok(vm)
     }
@@ -128,5 +131,25 @@ impl KvmVm {
             },
             failure,
         })
+    }
+}
+
+/// The RAM of a VM just created by [`KvmVm::from_received`]: still all zero, one block.
+struct IncomingRam<'a>(&'a KvmVm);
+
+impl GuestRamWrite for IncomingRam<'_> {
+    type Error = KvmError;
+
+    fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), KvmError> {
+        if name != RAM_BLOCK_NAME {
+            return Err(KvmError::Config(format!(
+                "RAM block {name:?} is not this VM's {RAM_BLOCK_NAME:?}"
+            )));
+        }
+        self.0.ram().write(page * PAGE_SIZE as u64, data)
+    }
+
+    fn is_zeroed(&self) -> bool {
+        true
     }
 }

@@ -1,0 +1,450 @@
+//! The source side: the pre-copy loop that [`Migrator`](crate::Migrator) runs on a migration
+//! thread.
+//!
+//! | file | what |
+//! |---|---|
+//! | this file | the thread: setup, iterate, complete, and restoring the source on failure |
+//! | `control.rs` | the state shared by the control API and the thread |
+//! | `pages.rs` | the per-page pipeline (zero / XBZRLE / page, parallel shards) |
+//! | `bitmap.rs` | the migration bitmap with its tail mask, fetch-and-clear and cursor |
+//! | `stats.rs` | counters, the 100 ms estimator and the 1 s period |
+//!
+//! # The loop (QEMU migration/migration.c `migration_thread`, migration/ram.c)
+//!
+//! 1. **setup**: open the transport, write the file header and the `ram` START section with
+//!    MEM_SIZE, start the dirty log, mark every page dirty (the first pass sends every page,
+//!    whatever the dirty log says), one dirty-bitmap sync (`dirty-sync-count` = 1).
+//! 2. **active**: send dirty pages in `ram` PART sections under the rate limit (a byte budget
+//!    per 100 ms slice from `max-bandwidth`). When the dirty bitmap is exhausted (pass end),
+//!    sync the dirty log; one sync is one XBZRLE cache generation. Every 100 ms: bandwidth =
+//!    bytes sent / time, threshold = bandwidth × `downtime-limit` (or
+//!    `avail-switchover-bandwidth` × `downtime-limit` when set), `expected-downtime` =
+//!    remaining / bandwidth. At a sync at least 1 s after the last one, auto-converge looks
+//!    at the period ([`AutoConverge`]).
+//! 3. **switchover**: when the remaining dirty bytes fall below the threshold (after a fresh
+//!    sync), or nothing is dirty: stop the vCPUs, sync once more, send the rest in the `ram`
+//!    END section without rate limit, EOF, then the VM description with the RAM digest
+//!    → **completed**. The source guest stays stopped (the destination owns it now).
+//!
+//! Downtime is measured from the vCPU stop to the flush of EOF (all RAM on the wire). The RAM
+//! digest (BLAKE3 of the stopped guest's RAM) is computed and sent after that, in the VM
+//! description; it is a verification aid and not counted as downtime.
+//!
+//! # Per page
+//!
+//! The page is copied out of guest RAM once ([`GuestRam::read_page`](crate::GuestRam::read_page)); that copy is what is
+//! tested, encoded, cached and sent.
+//! * all zero → ZERO record; with XBZRLE, the zero page is inserted into the cache (as QEMU's
+//!   `xbzrle_cache_zero_page`: no lookup, so not counted as a hit or a miss; not in the final
+//!   pass);
+//! * XBZRLE on (after the first pass) and cache hit → encode against the cached copy and
+//!   update it in one pass: empty delta → unchanged, nothing sent; a delta shorter than a page
+//!   → XBZRLE record; overflow (delta ≥ page) → PAGE record, the cache holds the bytes sent;
+//! * XBZRLE on and cache miss → PAGE record, and the page is inserted (not in the final pass);
+//! * otherwise → PAGE record.
+//!
+//! # Failure and cancel
+//!
+//! A transport error, a guest error or a cancel ends the migration as failed or cancelled:
+//! the throttle is set back to 0, the vCPUs are resumed if the loop stopped them, the dirty
+//! log is stopped. Guest memory is only ever read. A new migration can start at once.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use precopy_stream::StreamWriter;
+use xbzrle::PAGE_SIZE;
+
+use crate::guest::{Guest, RamBlockInfo, SharedGuest};
+use crate::info::MigrationStatus;
+use crate::params::{Capabilities, MigrationParameters};
+use crate::policy::{self, AutoConverge};
+use crate::transport::MigrationSink;
+use crate::vmdesc;
+
+mod bitmap;
+pub(crate) mod control;
+mod error;
+mod pages;
+mod stats;
+
+use bitmap::DirtyBitmap;
+use control::Shared;
+use error::{SourceError, Stop};
+use pages::{Job, Pipeline, Step, Writer};
+use stats::{Counters, ESTIMATE_PERIOD, Estimator, Period};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Longest time one PART section keeps sending before the loop looks around again.
+const MAX_ITERATION_TIME: Duration = Duration::from_millis(50);
+/// Pages per batch with parallel encoding.
+const PARALLEL_BATCH: usize = 256;
+/// Machine type written in the configuration section.
+pub const MACHINE_TYPE: &str = "precopy-sim";
+
+/// What a migration runs with, fixed at start (parameters may change while it runs).
+pub(crate) struct Settings {
+    pub(crate) params: MigrationParameters,
+    pub(crate) caps: Capabilities,
+    pub(crate) pass_limit: Option<u64>,
+}
+
+/// The migration thread's state.
+struct Source<'a> {
+    guest: &'a dyn Guest,
+    shared: &'a Shared,
+    w: Writer,
+    settings: Settings,
+    blocks: Vec<RamBlockInfo>,
+    /// Flat RAM address of each block's first byte (the XBZRLE cache key space).
+    base: Vec<u64>,
+    /// Bytes of RAM.
+    total: u64,
+    bitmap: DirtyBitmap,
+    pipeline: Option<Pipeline>,
+    /// XBZRLE in use (after the bulk stage).
+    xbzrle_active: bool,
+    /// No page was sent since the last sync.
+    synced_clean: bool,
+    /// Dirty-bitmap syncs so far (also the XBZRLE cache generation).
+    sync_count: u64,
+    c: Counters,
+    start: Instant,
+    setup_ms: u64,
+    est: Estimator,
+    period: Period,
+    ac: AutoConverge,
+    throttle: u8,
+    /// The loop stopped the vCPUs.
+    stopped: bool,
+    /// Bytes of the stream once the sink was closed.
+    closed_bytes: u64,
+}
+
+/// The migration thread: setup, iterate, complete; on failure or cancel, restore the source.
+/// Publishes the final `query-migrate` and state.
+pub(crate) fn run(
+    guest: SharedGuest,
+    shared: Arc<Shared>,
+    sink: Box<dyn MigrationSink>,
+    settings: Settings,
+) {
+    let now = Instant::now();
+    let mut w = StreamWriter::new(sink);
+    w.set_max_bandwidth(settings.params.max_bandwidth);
+    let mut src = Source {
+        guest: &*guest,
+        shared: &shared,
+        w,
+        settings,
+        blocks: Vec::new(),
+        base: Vec::new(),
+        total: 0,
+        bitmap: DirtyBitmap::all_dirty(&[]),
+        pipeline: None,
+        xbzrle_active: false,
+        synced_clean: false,
+        sync_count: 0,
+        c: Counters::default(),
+        start: now,
+        setup_ms: 0,
+        est: Estimator::new(now),
+        period: Period::new(now),
+        ac: AutoConverge::new(),
+        throttle: 0,
+        stopped: false,
+        closed_bytes: 0,
+    };
+    let result = src.setup().and_then(|()| src.iterate());
+    let (final_status, downtime, error) = match result {
+        Ok(d) => {
+            let _ = src.guest.set_throttle(0);
+            let _ = src.guest.log_stop();
+            (MigrationStatus::Completed, Some(d), None)
+        }
+        Err(stop) => {
+            // Restore the source: no throttle, vCPUs running, dirty log off.
+            let _ = src.guest.set_throttle(0);
+            if src.stopped {
+                let _ = src.guest.resume();
+            }
+            let _ = src.guest.log_stop();
+            match stop {
+                Stop::Failed(e) if !shared.cancelled() => {
+                    (MigrationStatus::Failed, None, Some(e.to_string()))
+                }
+                _ => (MigrationStatus::Cancelled, None, None),
+            }
+        }
+    };
+    let mut info = src.info(final_status);
+    info.downtime = downtime;
+    info.error_desc = error;
+    let mut ctl = shared.lock();
+    ctl.publish(info);
+    ctl.abort = None;
+    shared.set_status(&mut ctl, final_status);
+}
+
+impl Source<'_> {
+    fn check_cancel(&self) -> Result<(), Stop> {
+        if self.shared.cancelled() {
+            Err(Stop::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn setup(&mut self) -> Result<(), Stop> {
+        self.blocks = self.guest.blocks();
+        if self.blocks.is_empty() {
+            return Err(SourceError::NoRamBlocks.into());
+        }
+        let mut base = 0;
+        for b in &self.blocks {
+            self.base.push(base);
+            base += b.used_length;
+        }
+        self.total = base;
+        self.bitmap = DirtyBitmap::all_dirty(&self.blocks);
+        self.pipeline = Some(
+            Pipeline::new(&self.settings.caps, &self.settings.params)
+                .map_err(SourceError::Cache)?,
+        );
+        self.check_cancel()?;
+        self.w.write_header(MACHINE_TYPE)?;
+        self.w.ram_setup(&self.blocks)?;
+        self.w.flush()?;
+        self.guest.log_start()?;
+        // The setup sync (QEMU ram_init_bitmaps): the bitmap is all set already.
+        self.sync()?;
+        self.setup_ms = self.start.elapsed().as_millis() as u64;
+        let now = Instant::now();
+        self.est.restart(now);
+        self.period.restart(now);
+        let mut ctl = self.shared.lock();
+        if ctl.status() == MigrationStatus::Setup {
+            self.shared.set_status(&mut ctl, MigrationStatus::Active);
+        }
+        drop(ctl);
+        self.check_cancel()
+    }
+
+    fn pipeline(&mut self) -> &mut Pipeline {
+        self.pipeline.as_mut().expect("set up")
+    }
+
+    /// Take parameters changed by `migrate-set-parameters` into use.
+    fn apply_params(&mut self) -> Result<(), Stop> {
+        let new = {
+            let mut ctl = self.shared.lock();
+            if !ctl.params_changed {
+                return Ok(());
+            }
+            ctl.params_changed = false;
+            ctl.params.clone()
+        };
+        if new.max_bandwidth != self.settings.params.max_bandwidth {
+            self.w.set_max_bandwidth(new.max_bandwidth);
+        }
+        if new.xbzrle_cache_size != self.settings.params.xbzrle_cache_size {
+            self.pipeline()
+                .resize_cache(new.xbzrle_cache_size)
+                .map_err(SourceError::CacheResize)?;
+        }
+        self.settings.params = new;
+        Ok(())
+    }
+
+    /// One dirty-bitmap sync, then the 1 s period check (rates, auto-converge).
+    fn sync(&mut self) -> Result<(), Stop> {
+        let count = self.bitmap.sync(self.guest)?;
+        self.sync_count += 1;
+        if std::env::var_os("PRECOPY_TRACE").is_some() {
+            eprintln!(
+                "trace: sync {} at {:.3}s dirty {} new {} sent {} threshold {} throttle {}",
+                self.sync_count,
+                self.start.elapsed().as_secs_f64(),
+                count.dirty,
+                count.newly,
+                self.w.bytes_written(),
+                self.est.threshold,
+                self.throttle
+            );
+        }
+        self.synced_clean = true;
+        let misses = self.pipeline.as_ref().map_or(0, Pipeline::cache_misses);
+        let end = self.period.on_sync(
+            Instant::now(),
+            count.newly,
+            self.w.bytes_written(),
+            &self.c,
+            misses,
+        );
+        if let Some(end) = end
+            && self.settings.caps.auto_converge
+            && let Some(t) = self.ac.on_period(
+                &self.settings.params,
+                end.dirty_bytes,
+                end.sent,
+                self.throttle,
+            )
+        {
+            self.guest.set_throttle(t)?;
+            self.throttle = t;
+        }
+        Ok(())
+    }
+
+    /// Every 100 ms: bandwidth, threshold, expected downtime (QEMU migration_update_counters).
+    fn update_counters(&mut self, now: Instant) {
+        self.est.update(
+            now,
+            self.w.bytes_written(),
+            self.c.handled,
+            self.bitmap.dirty_pages() * PAGE,
+            &self.settings.params,
+        );
+        self.publish();
+    }
+
+    /// Send dirty pages until the rate limit, the end of the pass, or
+    /// [`MAX_ITERATION_TIME`]. Returns true at the end of the pass.
+    fn send_some(&mut self, last_stage: bool) -> Result<bool, Stop> {
+        let t = Instant::now();
+        let pipeline = self.pipeline.as_mut().expect("set up");
+        let parallel = pipeline.is_parallel();
+        let job = |base: &[u64], (block, page): (usize, u64)| Job {
+            block,
+            page,
+            addr: base[block] + page * PAGE,
+        };
+        let step = Step {
+            guest: self.guest,
+            generation: self.sync_count,
+            use_cache: self.xbzrle_active,
+            last_stage,
+        };
+        let mut batch = Vec::with_capacity(PARALLEL_BATCH);
+        let mut n = 0u32;
+        loop {
+            if !last_stage {
+                if self.w.rate_limit_exceeded() {
+                    return Ok(false);
+                }
+                n += 1;
+                if n.is_multiple_of(16) && t.elapsed() >= MAX_ITERATION_TIME {
+                    return Ok(false);
+                }
+            }
+            if parallel {
+                batch.clear();
+                while batch.len() < PARALLEL_BATCH {
+                    match self.bitmap.next_dirty() {
+                        Some(p) => batch.push(job(&self.base, p)),
+                        None => break,
+                    }
+                }
+                let end = batch.len() < PARALLEL_BATCH;
+                if !batch.is_empty() {
+                    self.synced_clean = false;
+                    pipeline
+                        .send_batch(&step, &batch, &mut self.w, &mut self.c)
+                        .map_err(SourceError::from)?;
+                }
+                if end {
+                    return Ok(true);
+                }
+            } else {
+                match self.bitmap.next_dirty() {
+                    Some(p) => {
+                        self.synced_clean = false;
+                        pipeline
+                            .send_one(&step, job(&self.base, p), &mut self.w, &mut self.c)
+                            .map_err(SourceError::from)?;
+                    }
+                    None => return Ok(true),
+                }
+            }
+        }
+    }
+
+    /// The active phase, then the switchover. Returns the downtime in ms.
+    fn iterate(&mut self) -> Result<u64, Stop> {
+        loop {
+            self.check_cancel()?;
+            self.apply_params()?;
+            let now = Instant::now();
+            if self.est.elapsed(now) >= ESTIMATE_PERIOD {
+                self.update_counters(now);
+            }
+            let pending = self.bitmap.dirty_pages() * PAGE;
+            if policy::should_switchover(pending, self.est.threshold) {
+                if !self.synced_clean {
+                    self.sync()?;
+                }
+                if policy::should_switchover(self.bitmap.dirty_pages() * PAGE, self.est.threshold) {
+                    return self.complete();
+                }
+            }
+            if let Some(limit) = self.settings.pass_limit
+                && self.sync_count > limit
+            {
+                return Err(SourceError::NotConverged(limit).into());
+            }
+            self.w.begin_ram_iteration()?;
+            let pass_end = self.send_some(false)?;
+            self.w.end_ram_section()?;
+            if pass_end {
+                // The bulk stage is over: XBZRLE from now on (QEMU xbzrle_enabled).
+                self.xbzrle_active = self.settings.caps.xbzrle;
+                self.sync()?;
+            }
+            if self.w.rate_limit_exceeded() {
+                self.w.wait_for_rate_limit()?;
+                // A new rate-limit slice starts now: estimate over the slice that ended, so
+                // the period holds exactly one slice's budget (QEMU does both at
+                // iteration_start_time).
+                let now = Instant::now();
+                if self.est.elapsed(now) >= ESTIMATE_PERIOD / 2 {
+                    self.update_counters(now);
+                }
+            }
+        }
+    }
+
+    /// Stop the guest, send the rest, device states, EOF, then the VM description.
+    fn complete(&mut self) -> Result<u64, Stop> {
+        self.c.precopy_bytes = self.w.bytes_written();
+        let stop_at = Instant::now();
+        self.guest.stop()?;
+        self.stopped = true;
+        self.check_cancel()?;
+        self.sync()?;
+        self.w.begin_ram_complete()?;
+        // The cursor may be mid-bitmap (a sync happened mid-pass), so one sweep to the end
+        // can miss pages before it: go round until no dirty page is left (QEMU
+        // ram_save_complete loops until ram_find_and_save_block finds nothing).
+        while !self.send_some(true)? || self.bitmap.dirty_pages() > 0 {}
+        self.w.end_ram_section()?;
+        for (name, instance, version, payload) in self.guest.device_states()? {
+            self.w
+                .write_device_state(&name, instance, version, &payload)?;
+        }
+        self.w.write_eof()?;
+        self.w.flush()?;
+        let downtime = stop_at.elapsed().as_millis() as u64;
+        self.check_cancel()?;
+        let digest = vmdesc::ram_digest(self.guest, &self.blocks)?;
+        let desc = vmdesc::vm_description(&self.blocks, &digest);
+        self.w.write_vm_description(desc.as_bytes())?;
+        self.w.flush()?;
+        // Hand the sink back (finish flushes) and close it; keep the byte count.
+        let w = std::mem::replace(&mut self.w, StreamWriter::new(Box::new(io::sink())));
+        self.closed_bytes = w.bytes_written();
+        w.finish()?.close().map_err(SourceError::Close)?;
+        self.publish();
+        Ok(downtime)
+    }
+}

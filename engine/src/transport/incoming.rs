@@ -1,0 +1,162 @@
+//! The destination side of a transport: bind, open or spawn, accept, then read.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+use super::{MigrationUri, TransportError, inherited_fd};
+
+enum ListenKind {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+    Ready(Incoming),
+}
+
+/// The destination side before a source connected: bound socket, opened file, or spawned
+/// command.
+pub struct IncomingListener {
+    kind: ListenKind,
+    uri: String,
+}
+
+impl fmt::Debug for IncomingListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IncomingListener")
+            .field("uri", &self.uri)
+            .finish()
+    }
+}
+
+enum InKind {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    File(File),
+    Exec(Child, ChildStdout),
+}
+
+/// The destination side of a transport: a byte source.
+pub struct Incoming {
+    kind: InKind,
+}
+
+impl fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Incoming")
+    }
+}
+
+impl IncomingListener {
+    /// Bind / open / spawn for `uri`. `tcp:HOST:0` binds an ephemeral port; see
+    /// [`local_uri`](IncomingListener::local_uri).
+    pub fn bind(uri: &str) -> Result<IncomingListener, TransportError> {
+        let parsed: MigrationUri = uri.parse()?;
+        let io = |what, source| TransportError::Io {
+            what,
+            uri: uri.to_owned(),
+            source,
+        };
+        let kind = match parsed {
+            MigrationUri::Tcp { host, port } => ListenKind::Tcp(
+                TcpListener::bind((host.as_str(), port)).map_err(|e| io("listen on", e))?,
+            ),
+            MigrationUri::Unix(p) => {
+                if std::fs::symlink_metadata(&p)
+                    .map(|m| {
+                        use std::os::unix::fs::FileTypeExt;
+                        m.file_type().is_socket()
+                    })
+                    .unwrap_or(false)
+                {
+                    let _ = std::fs::remove_file(&p);
+                }
+                ListenKind::Unix(UnixListener::bind(&p).map_err(|e| io("listen on", e))?, p)
+            }
+            MigrationUri::File(p) => ListenKind::Ready(Incoming {
+                kind: InKind::File(File::open(p).map_err(|e| io("open", e))?),
+            }),
+            MigrationUri::Exec(cmd) => {
+                let mut child = Command::new("sh")
+                    .arg("-c")
+                    .arg(&cmd)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| io("spawn", e))?;
+                let out = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| io("spawn", io::Error::other("no stdout pipe")))?;
+                ListenKind::Ready(Incoming {
+                    kind: InKind::Exec(child, out),
+                })
+            }
+            MigrationUri::Fd(n) => ListenKind::Ready(Incoming {
+                kind: InKind::File(inherited_fd(n, uri)?),
+            }),
+        };
+        Ok(IncomingListener {
+            kind,
+            uri: uri.to_owned(),
+        })
+    }
+
+    /// The URI a source should use, with the bound port filled in for `tcp:` (e.g.
+    /// `tcp:127.0.0.1:40123` after binding `tcp:127.0.0.1:0`).
+    pub fn local_uri(&self) -> String {
+        match &self.kind {
+            ListenKind::Tcp(l) => match l.local_addr() {
+                Ok(a) => MigrationUri::Tcp {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                }
+                .to_string(),
+                Err(_) => self.uri.clone(),
+            },
+            _ => self.uri.clone(),
+        }
+    }
+
+    /// Wait for the source (accept one connection).
+    pub fn accept(self) -> Result<Incoming, TransportError> {
+        let io = |source| TransportError::Io {
+            what: "accept on",
+            uri: self.uri.clone(),
+            source,
+        };
+        match self.kind {
+            ListenKind::Tcp(l) => Ok(Incoming {
+                kind: InKind::Tcp(l.accept().map_err(io)?.0),
+            }),
+            ListenKind::Unix(l, p) => {
+                let s = l.accept().map_err(io)?.0;
+                let _ = std::fs::remove_file(p);
+                Ok(Incoming {
+                    kind: InKind::Unix(s),
+                })
+            }
+            ListenKind::Ready(i) => Ok(i),
+        }
+    }
+}
+
+impl Read for Incoming {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.kind {
+            InKind::Tcp(s) => s.read(buf),
+            InKind::Unix(s) => s.read(buf),
+            InKind::File(f) => f.read(buf),
+            InKind::Exec(_, o) => o.read(buf),
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let InKind::Exec(child, _) = &mut self.kind {
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The source side of a transport: connect, create or spawn, then write.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, ChildStdin, Command, Stdio};
+
+use super::{MigrationSink, MigrationUri, TransportError, inherited_fd};
+
+enum OutKind {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    File(File),
+    Exec(Child, Option<ChildStdin>),
+}
+
+/// The source side of a transport: a byte sink.
+pub struct Outgoing {
+    kind: OutKind,
+    uri: String,
+}
+
+impl fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outgoing").field("uri", &self.uri).finish()
+    }
+}
+
+/// A handle that aborts a blocked transport from another thread (used by cancel).
+#[derive(Debug)]
+pub struct AbortHandle(Option<AbortKind>);
+
+#[derive(Debug)]
+enum AbortKind {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AbortHandle {
+    /// Shut the connection down (both directions); blocked reads and writes return.
+    pub fn abort(&self) {
+        match &self.0 {
+            Some(AbortKind::Tcp(s)) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            Some(AbortKind::Unix(s)) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            None => {}
+        }
+    }
+}
+
+impl Outgoing {
+    /// Open the transport for `uri` (connect, create, spawn).
+    pub fn open(uri: &str) -> Result<Outgoing, TransportError> {
+        let parsed: MigrationUri = uri.parse()?;
+        let io = |what, source| TransportError::Io {
+            what,
+            uri: uri.to_owned(),
+            source,
+        };
+        let kind = match parsed {
+            MigrationUri::Tcp { host, port } => {
+                let addrs: Vec<_> = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map_err(|e| io("resolve", e))?
+                    .collect();
+                let s = TcpStream::connect(&addrs[..]).map_err(|e| io("connect to", e))?;
+                let _ = s.set_nodelay(true);
+                OutKind::Tcp(s)
+            }
+            MigrationUri::Unix(p) => {
+                OutKind::Unix(UnixStream::connect(p).map_err(|e| io("connect to", e))?)
+            }
+            MigrationUri::File(p) => OutKind::File(File::create(p).map_err(|e| io("create", e))?),
+            MigrationUri::Exec(cmd) => {
+                let mut child = Command::new("sh")
+                    .arg("-c")
+                    .arg(&cmd)
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| io("spawn", e))?;
+                let stdin = child.stdin.take();
+                OutKind::Exec(child, stdin)
+            }
+            MigrationUri::Fd(n) => OutKind::File(inherited_fd(n, uri)?),
+        };
+        Ok(Outgoing {
+            kind,
+            uri: uri.to_owned(),
+        })
+    }
+
+    /// The URI this transport was opened with.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// A handle that can abort blocked I/O from another thread (sockets only; files and
+    /// pipes do not block indefinitely on a live peer, and exec children are killed on drop).
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle(match &self.kind {
+            OutKind::Tcp(s) => s.try_clone().ok().map(AbortKind::Tcp),
+            OutKind::Unix(s) => s.try_clone().ok().map(AbortKind::Unix),
+            _ => None,
+        })
+    }
+
+    /// Flush and close (see [`MigrationSink::close`]). For `exec:` waits for the command
+    /// and fails if it failed.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.close()
+    }
+}
+
+/// Closing flushes, then shuts a socket down for writing, syncs a file, or closes an
+/// `exec:` command's stdin and waits for it (an error if it failed). Writes after that
+/// fail.
+impl MigrationSink for Outgoing {
+    fn close(&mut self) -> io::Result<()> {
+        self.flush()?;
+        match &mut self.kind {
+            OutKind::Tcp(s) => {
+                let _ = s.shutdown(Shutdown::Write);
+                Ok(())
+            }
+            OutKind::Unix(s) => {
+                let _ = s.shutdown(Shutdown::Write);
+                Ok(())
+            }
+            OutKind::File(f) => f.sync_data().or(Ok(())),
+            OutKind::Exec(child, stdin) => {
+                drop(stdin.take());
+                let st = child.wait()?;
+                if st.success() {
+                    Ok(())
+                } else {
+                    Err(io::Error::other(format!("exec command exited with {st}")))
+                }
+            }
+        }
+    }
+}
+
+impl Write for Outgoing {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.kind {
+            OutKind::Tcp(s) => s.write(buf),
+            OutKind::Unix(s) => s.write(buf),
+            OutKind::File(f) => f.write(buf),
+            OutKind::Exec(_, Some(s)) => s.write(buf),
+            OutKind::Exec(_, None) => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.kind {
+            OutKind::Tcp(s) => s.flush(),
+            OutKind::Unix(s) => s.flush(),
+            OutKind::File(f) => f.flush(),
+            OutKind::Exec(_, Some(s)) => s.flush(),
+            OutKind::Exec(_, None) => Ok(()),
+        }
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        if let OutKind::Exec(child, stdin) = &mut self.kind {
+            drop(stdin.take());
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
