@@ -36,9 +36,7 @@ mod imp {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use precopy_engine::kvm::{
-        GuestReport, KvmConfig, KvmError, KvmVm, KvmWorkload, SelfCheck,
-    };
+    use precopy_engine::kvm::{GuestReport, KvmConfig, KvmError, KvmVm, KvmWorkload, SelfCheck};
     use precopy_engine::{Received, SharedGuest};
     use serde_json::{Map, Value};
 
