@@ -79,11 +79,11 @@ mod ratelimit;
 mod writer;
 
 pub use decoder::{
-    Configuration, Decoder, DeviceState, Item, Limits, RamBlockInfo, RamRecord, SectionHeader,
-    SectionKind,
+    Configuration, Decoder, DeviceState, Item, Limits, RamRecord, SectionHeader, SectionKind,
 };
 pub use encoder::Encoder;
 pub use error::{Error, FormatError, WriteError};
+pub use format::RamBlockInfo;
 pub use io::{StreamReader, find_vm_description};
 pub use loader::{
     Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, RamBlock, RamImage,

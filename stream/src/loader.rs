@@ -3,7 +3,8 @@
 
 use std::io::Read;
 
-use crate::decoder::{Item, Limits, RamBlockInfo, RamRecord, SectionKind};
+use crate::decoder::{Item, Limits, RamRecord, SectionKind};
+use crate::format::RamBlockInfo;
 use crate::error::{Error, FormatError};
 use crate::format::PAGE_SIZE;
 use crate::io::StreamReader;

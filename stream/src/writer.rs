@@ -5,7 +5,7 @@ use std::io::Write;
 
 use crate::encoder::Encoder;
 use crate::error::WriteError;
-use crate::decoder::RamBlockInfo;
+use crate::format::RamBlockInfo;
 use crate::ratelimit::RateLimiter;
 use xbzrle::Page;
 
