@@ -73,6 +73,7 @@ pub mod decoder;
 pub mod encoder;
 mod error;
 pub mod format;
+mod image;
 mod io;
 mod loader;
 mod ratelimit;
@@ -84,10 +85,10 @@ pub use decoder::{
 pub use encoder::Encoder;
 pub use error::{Error, FormatError, WriteError};
 pub use format::RamBlockInfo;
+pub use image::{RamBlock, RamImage};
 pub use io::{StreamReader, find_vm_description};
 pub use loader::{
-    Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, RamBlock, RamImage,
-    StopReason, load,
+    Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, StopReason, load,
 };
 pub use ratelimit::{RATE_LIMIT_SLICE, RateLimiter};
 pub use writer::{DEFAULT_BUFFER_SIZE, StreamWriter};
