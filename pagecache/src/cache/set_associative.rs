@@ -209,11 +209,18 @@ impl Slots for SetAssociative {
     #[inline]
     fn lookup(&mut self, pn: u64, generation: u64) -> Option<usize> {
         self.last_generation = generation;
-        let i = self.find(pn)?;
-        self.record_use(i, pn + 1, generation);
-        Some(i)
+        let range = self.set_range(pn);
+        let start = range.start;
+        let key = pn + 1;
+        // Scans and updates through one borrow of the set: one bounds check,
+        // and a scan loop as tight as `find`'s.
+        let set = &mut self.tags[range];
+        let j = set.iter().position(|&t| t >> GEN_BITS == key)?;
+        set[j] = (key << GEN_BITS) | (generation & GEN_MASK);
+        Some(start + j)
     }
 
+    #[inline]
     fn place(&mut self, pn: u64, generation: u64) -> Placement {
         self.last_generation = generation;
         let key = pn + 1;
