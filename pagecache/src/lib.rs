@@ -414,15 +414,12 @@ impl PageCache {
 
     /// Counters, plus the resident pages and bytes now.
     pub fn stats(&self) -> CacheStats {
-        let mut s = self.inner.stats;
-        s.resident_pages = self.len() as u64;
-        s.bytes = s.resident_pages.saturating_mul(PAGE_SIZE as u64);
-        s
+        self.inner.stats()
     }
 
     /// Sets every counter to zero (resident pages are kept).
     pub fn reset_stats(&mut self) {
-        self.inner.stats = CacheStats::default();
+        self.inner.reset_stats();
     }
 
     /// The budget last given to [`new`](PageCache::new) or

@@ -19,8 +19,8 @@
 //! vm_description(json)                         optional
 //! ```
 
-use crate::decoder::RamBlockInfo;
 use crate::error::WriteError;
+use crate::format::RamBlockInfo;
 use crate::format::*;
 use xbzrle::Page;
 

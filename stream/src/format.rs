@@ -1,4 +1,5 @@
-//! Wire constants of QEMU's migration stream, and the layout they form.
+//! Wire constants of QEMU's migration stream, the layout they form, and
+//! [`RamBlockInfo`], the RAM block description MEM_SIZE carries.
 //!
 //! Sources (facts only): QEMU 7.2 `migration/savevm.c` (container, section
 //! types, configuration section, VM description), `migration/ram.c` (`ram`
@@ -123,3 +124,22 @@ pub const RAM_SECTION_VERSION: u32 = 4;
 pub const OUR_SECTION_PREFIX: &str = "precopy/";
 /// Longest name a u8 length prefix carries (block names, section id strings).
 pub const MAX_NAME_LEN: usize = 255;
+
+/// One RAM block as listed by MEM_SIZE: QEMU's `RAMBlock` `idstr` and `used_length`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RamBlockInfo {
+    /// Block id string, e.g. `pc.ram`; 1..=255 bytes.
+    pub name: String,
+    /// Bytes migrated; a non-zero multiple of [`PAGE_SIZE`].
+    pub used_length: u64,
+}
+
+impl RamBlockInfo {
+    /// A block description.
+    pub fn new(name: impl Into<String>, used_length: u64) -> Self {
+        RamBlockInfo {
+            name: name.into(),
+            used_length,
+        }
+    }
+}

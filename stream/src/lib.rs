@@ -73,21 +73,22 @@ pub mod decoder;
 pub mod encoder;
 mod error;
 pub mod format;
+mod image;
 mod io;
 mod loader;
 mod ratelimit;
 mod writer;
 
 pub use decoder::{
-    Configuration, Decoder, DeviceState, Item, Limits, RamBlockInfo, RamRecord, SectionHeader,
-    SectionKind,
+    Configuration, Decoder, DeviceState, Item, Limits, RamRecord, SectionHeader, SectionKind,
 };
 pub use encoder::Encoder;
 pub use error::{Error, FormatError, WriteError};
+pub use format::RamBlockInfo;
+pub use image::{RamBlock, RamImage};
 pub use io::{StreamReader, find_vm_description};
 pub use loader::{
-    Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, RamBlock, RamImage,
-    StopReason, load,
+    Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, StopReason, load,
 };
 pub use ratelimit::{RATE_LIMIT_SLICE, RateLimiter};
 pub use writer::{DEFAULT_BUFFER_SIZE, StreamWriter};

@@ -3,113 +3,13 @@
 
 use std::io::Read;
 
-use crate::decoder::{Item, Limits, RamBlockInfo, RamRecord, SectionKind};
+use crate::decoder::{DeviceState, Item, Limits, RamRecord, SectionHeader, SectionKind};
 use crate::error::{Error, FormatError};
 use crate::format::PAGE_SIZE;
+use crate::format::RamBlockInfo;
+use crate::image::RamImage;
 use crate::io::StreamReader;
 use xbzrle::Page;
-
-/// One RAM block's contents at the destination.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RamBlock {
-    name: String,
-    data: Vec<u8>,
-}
-
-impl RamBlock {
-    /// The block's id string.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    /// The block's bytes (`used_length` of them).
-    pub fn data(&self) -> &[u8] {
-        &self.data
-    }
-    /// The block's bytes, mutably.
-    pub fn data_mut(&mut self) -> &mut [u8] {
-        &mut self.data
-    }
-    /// `used_length` in bytes.
-    pub fn len(&self) -> u64 {
-        self.data.len() as u64
-    }
-    /// True for a block of no bytes (never produced by MEM_SIZE).
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-}
-
-/// The destination's RAM: one zero-filled byte buffer per MEM_SIZE block.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RamImage {
-    blocks: Vec<RamBlock>,
-}
-
-impl RamImage {
-    /// Allocates zeroed blocks for `infos`, refusing more than `max_bytes`
-    /// in total (checked before anything is allocated).
-    ///
-    /// # Errors
-    /// `Err(bytes)` with the total asked for, when it is over `max_bytes`
-    /// or the allocation fails.
-    pub fn new(infos: &[RamBlockInfo], max_bytes: u64) -> Result<Self, u64> {
-        let total = infos
-            .iter()
-            .try_fold(0u64, |a, b| a.checked_add(b.used_length))
-            .unwrap_or(u64::MAX);
-        if total > max_bytes {
-            return Err(total);
-        }
-        let mut blocks = Vec::with_capacity(infos.len());
-        for b in infos {
-            let len = usize::try_from(b.used_length).map_err(|_| total)?;
-            // Probe that the allocation can be had (without aborting), then
-            // take zeroed memory from the allocator: for large blocks that is
-            // fresh, lazily zeroed pages, so untouched RAM costs nothing.
-            let mut probe: Vec<u8> = Vec::new();
-            probe.try_reserve_exact(len).map_err(|_| total)?;
-            drop(probe);
-            let data = vec![0u8; len];
-            blocks.push(RamBlock {
-                name: b.name.clone(),
-                data,
-            });
-        }
-        Ok(RamImage { blocks })
-    }
-
-    /// The blocks in MEM_SIZE order.
-    pub fn blocks(&self) -> &[RamBlock] {
-        &self.blocks
-    }
-
-    /// The block named `name`.
-    pub fn block(&self, name: &str) -> Option<&RamBlock> {
-        self.blocks.iter().find(|b| b.name == name)
-    }
-
-    /// Total bytes over all blocks.
-    pub fn total_bytes(&self) -> u64 {
-        self.blocks.iter().map(RamBlock::len).sum()
-    }
-
-    /// The page at byte `offset` of block index `block`, if it lies inside.
-    pub fn page(&self, block: usize, offset: u64) -> Option<&Page> {
-        let b = self.blocks.get(block)?;
-        let o = usize::try_from(offset).ok()?;
-        b.data.get(o..o.checked_add(PAGE_SIZE)?)?.try_into().ok()
-    }
-
-    /// The page at byte `offset` of block index `block`, mutably.
-    pub fn page_mut(&mut self, block: usize, offset: u64) -> Option<&mut Page> {
-        let b = self.blocks.get_mut(block)?;
-        let o = usize::try_from(offset).ok()?;
-        b.data
-            .get_mut(o..o.checked_add(PAGE_SIZE)?)?
-            .try_into()
-            .ok()
-    }
-}
 
 /// Count and stream bytes (header included) of one record kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -177,6 +77,20 @@ pub struct OwnedDeviceState {
     pub payload: Vec<u8>,
 }
 
+impl OwnedDeviceState {
+    /// An owned copy of the device section `d` read at stream `offset`.
+    fn copied(offset: u64, d: &DeviceState<'_>) -> Self {
+        OwnedDeviceState {
+            offset,
+            section_id: d.header.section_id,
+            name: d.header.name.to_owned(),
+            instance_id: d.header.instance_id,
+            version_id: d.header.version_id,
+            payload: d.payload.to_vec(),
+        }
+    }
+}
+
 /// Why loading stopped (when it did not fail).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -207,6 +121,18 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    /// Stopped at the foreign section `h` read at stream `offset`.
+    fn foreign_section(offset: u64, h: &SectionHeader<'_>) -> Self {
+        StopReason::ForeignSection {
+            offset,
+            kind: h.kind,
+            section_id: h.section_id,
+            name: h.name.to_owned(),
+            instance_id: h.instance_id,
+            version_id: h.version_id,
+        }
+    }
+
     /// Offset where reading stopped (EOF byte or foreign section header).
     pub fn offset(&self) -> u64 {
         match self {
@@ -267,6 +193,11 @@ pub struct Loaded {
 
 fn fmt_err(offset: u64, kind: FormatError) -> Error {
     Error::Format { offset, kind }
+}
+
+/// [`FormatError::Unsupported`] at `offset`.
+fn unsupported(offset: u64, what: &'static str) -> Error {
+    fmt_err(offset, FormatError::Unsupported { what })
 }
 
 impl Loader {
@@ -350,33 +281,17 @@ impl Loader {
             }
             Item::DeviceState(d) => {
                 self.stats.device_sections.add(len);
-                self.device_states.push(OwnedDeviceState {
-                    offset,
-                    section_id: d.header.section_id,
-                    name: d.header.name.to_owned(),
-                    instance_id: d.header.instance_id,
-                    version_id: d.header.version_id,
-                    payload: d.payload.to_vec(),
-                });
+                self.device_states.push(OwnedDeviceState::copied(offset, d));
             }
             Item::ForeignSection(h) => {
                 self.stats.bytes = offset;
-                self.stop = Some(StopReason::ForeignSection {
-                    offset,
-                    kind: h.kind,
-                    section_id: h.section_id,
-                    name: h.name.to_owned(),
-                    instance_id: h.instance_id,
-                    version_id: h.version_id,
-                });
+                self.stop = Some(StopReason::foreign_section(offset, h));
                 return Ok(Control::Stop);
             }
             Item::Command { .. } => {
-                return Err(fmt_err(
+                return Err(unsupported(
                     offset,
-                    FormatError::Unsupported {
-                        what: "migration command (postcopy/return path)",
-                    },
+                    "migration command (postcopy/return path)",
                 ));
             }
             Item::Eof => {
@@ -397,114 +312,139 @@ impl Loader {
     }
 
     fn apply_ram(&mut self, offset: u64, rec: &RamRecord<'_>, len: usize) -> Result<(), Error> {
-        let outside = |image: &RamImage, block: usize, page: u64| {
-            let (name, length) = image
-                .blocks
+        match *rec {
+            RamRecord::MemSize { ref blocks, .. } => {
+                self.apply_mem_size(offset, blocks)?;
+                self.stats.mem_size.add(len);
+            }
+            RamRecord::Eos => self.stats.eos.add(len),
+            RamRecord::Zero { named, .. }
+            | RamRecord::Page { named, .. }
+            | RamRecord::Xbzrle { named, .. } => {
+                self.apply_page_record(offset, rec, len)?;
+                if named {
+                    self.stats.records_with_block_name += 1;
+                } else {
+                    self.stats.records_with_continue += 1;
+                }
+            }
+            RamRecord::CompressedPage { .. } => {
+                return Err(unsupported(offset, "compressed page (compress capability)"));
+            }
+            RamRecord::Hook => return Err(unsupported(offset, "RDMA hook record")),
+        }
+        Ok(())
+    }
+
+    /// MEM_SIZE: allocates the RAM image, or checks that an existing one
+    /// has exactly the listed blocks.
+    fn apply_mem_size(&mut self, offset: u64, blocks: &[RamBlockInfo]) -> Result<(), Error> {
+        if self.image.blocks().is_empty() {
+            self.image = RamImage::new(blocks, self.limits.max_ram_bytes)
+                .map_err(|bytes| Error::Alloc { offset, bytes })?;
+            return Ok(());
+        }
+        let same = self.image.blocks().len() == blocks.len()
+            && self
+                .image
+                .blocks()
+                .iter()
+                .zip(blocks)
+                .all(|(have, want)| have.name() == want.name && have.len() == want.used_length);
+        if !same {
+            return Err(fmt_err(
+                offset,
+                FormatError::BadMemSize {
+                    why: "block list does not match the destination's RAM blocks",
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// ZERO, PAGE or XBZRLE onto its page, counted by kind (other records
+    /// are not page writes and are ignored here).
+    fn apply_page_record(
+        &mut self,
+        offset: u64,
+        rec: &RamRecord<'_>,
+        len: usize,
+    ) -> Result<(), Error> {
+        match *rec {
+            RamRecord::Zero {
+                block,
+                offset: page,
+                fill,
+                ..
+            } => {
+                self.write_page(offset, block, page, |p| {
+                    // As QEMU (`ram_handle_compressed`): write only when the page
+                    // is not already all `fill`, so never-touched RAM stays unmapped.
+                    if fill != 0 || *p != [0u8; PAGE_SIZE] {
+                        p.fill(fill);
+                    }
+                    Ok(())
+                })?;
+                self.stats.zero.add(len);
+            }
+            RamRecord::Page {
+                block,
+                offset: page,
+                data,
+                ..
+            } => {
+                self.write_page(offset, block, page, |p| {
+                    p.copy_from_slice(data);
+                    Ok(())
+                })?;
+                self.stats.page.add(len);
+            }
+            RamRecord::Xbzrle {
+                block,
+                offset: page,
+                delta,
+                ..
+            } => {
+                self.write_page(offset, block, page, |p| {
+                    xbzrle::decode(delta, p)
+                        .map_err(|e| fmt_err(offset, FormatError::Xbzrle(e)))?;
+                    Ok(())
+                })?;
+                self.stats.xbzrle.add(len);
+                self.stats.xbzrle_delta_bytes += delta.len() as u64;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Runs `write` on page `page` of block index `block`, for the record at
+    /// stream `offset`; [`FormatError::PageOutsideBlock`] when the image has
+    /// no such page.
+    fn write_page(
+        &mut self,
+        offset: u64,
+        block: usize,
+        page: u64,
+        write: impl FnOnce(&mut Page) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let Some(p) = self.image.page_mut(block, page) else {
+            let (name, length) = self
+                .image
+                .blocks()
                 .get(block)
-                .map(|b| (b.name.clone(), b.len()))
+                .map(|b| (b.name().to_owned(), b.len()))
                 .unwrap_or_else(|| (format!("#{block}"), 0));
-            fmt_err(
+            return Err(fmt_err(
                 offset,
                 FormatError::PageOutsideBlock {
                     block: name,
                     offset: page,
                     length,
                 },
-            )
+            ));
         };
-        let named = match *rec {
-            RamRecord::MemSize { ref blocks, .. } => {
-                if self.image.blocks.is_empty() {
-                    self.image = RamImage::new(blocks, self.limits.max_ram_bytes)
-                        .map_err(|bytes| Error::Alloc { offset, bytes })?;
-                } else {
-                    let same = self.image.blocks.len() == blocks.len()
-                        && self.image.blocks.iter().zip(blocks).all(|(have, want)| {
-                            have.name == want.name && have.len() == want.used_length
-                        });
-                    if !same {
-                        return Err(fmt_err(
-                            offset,
-                            FormatError::BadMemSize {
-                                why: "block list does not match the destination's RAM blocks",
-                            },
-                        ));
-                    }
-                }
-                self.stats.mem_size.add(len);
-                return Ok(());
-            }
-            RamRecord::Eos => {
-                self.stats.eos.add(len);
-                return Ok(());
-            }
-            RamRecord::Zero {
-                block,
-                offset: page,
-                fill,
-                named,
-            } => {
-                let Some(p) = self.image.page_mut(block, page) else {
-                    return Err(outside(&self.image, block, page));
-                };
-                // As QEMU (`ram_handle_compressed`): write only when the page
-                // is not already all `fill`, so never-touched RAM stays unmapped.
-                if fill != 0 || *p != [0u8; PAGE_SIZE] {
-                    p.fill(fill);
-                }
-                self.stats.zero.add(len);
-                named
-            }
-            RamRecord::Page {
-                block,
-                offset: page,
-                data,
-                named,
-            } => {
-                let Some(p) = self.image.page_mut(block, page) else {
-                    return Err(outside(&self.image, block, page));
-                };
-                p.copy_from_slice(data);
-                self.stats.page.add(len);
-                named
-            }
-            RamRecord::Xbzrle {
-                block,
-                offset: page,
-                delta,
-                named,
-            } => {
-                let Some(p) = self.image.page_mut(block, page) else {
-                    return Err(outside(&self.image, block, page));
-                };
-                xbzrle::decode(delta, p).map_err(|e| fmt_err(offset, FormatError::Xbzrle(e)))?;
-                self.stats.xbzrle.add(len);
-                self.stats.xbzrle_delta_bytes += delta.len() as u64;
-                named
-            }
-            RamRecord::CompressedPage { .. } => {
-                return Err(fmt_err(
-                    offset,
-                    FormatError::Unsupported {
-                        what: "compressed page (compress capability)",
-                    },
-                ));
-            }
-            RamRecord::Hook => {
-                return Err(fmt_err(
-                    offset,
-                    FormatError::Unsupported {
-                        what: "RDMA hook record",
-                    },
-                ));
-            }
-        };
-        if named {
-            self.stats.records_with_block_name += 1;
-        } else {
-            self.stats.records_with_continue += 1;
-        }
-        Ok(())
+        write(p)
     }
 
     /// Reads and applies items from `reader` until the stream ends or a

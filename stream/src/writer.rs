@@ -3,9 +3,9 @@
 
 use std::io::Write;
 
-use crate::decoder::RamBlockInfo;
 use crate::encoder::Encoder;
 use crate::error::WriteError;
+use crate::format::RamBlockInfo;
 use crate::ratelimit::RateLimiter;
 use xbzrle::Page;
 
@@ -148,13 +148,21 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
-    fn after(&mut self, before: usize) -> Result<(), WriteError> {
-        let n = self.buf.len() - before;
-        self.limiter.record(n as u64);
+    /// Appends one record with `encode` (an [`Encoder`] method writing into
+    /// the buffer), charges its bytes to the rate limiter, and hands the
+    /// buffer to `W` once it passes the threshold. On an encoder error
+    /// nothing was appended.
+    fn record<T>(
+        &mut self,
+        encode: impl FnOnce(&mut Encoder, &mut Vec<u8>) -> Result<T, WriteError>,
+    ) -> Result<T, WriteError> {
+        let before = self.buf.len();
+        let value = encode(&mut self.enc, &mut self.buf)?;
+        self.limiter.record((self.buf.len() - before) as u64);
         if self.buf.len() >= self.buffer_size {
             self.drain()?;
         }
-        Ok(())
+        Ok(value)
     }
 
     /// Writes everything buffered to `W` and flushes `W`.
@@ -180,9 +188,7 @@ impl<W: Write> StreamWriter<W> {
     /// # Errors
     /// As [`Encoder::file_header`], plus [`WriteError::Io`].
     pub fn write_header(&mut self, machine_type: &str) -> Result<(), WriteError> {
-        let b = self.buf.len();
-        self.enc.file_header(&mut self.buf, machine_type)?;
-        self.after(b)
+        self.record(|enc, out| enc.file_header(out, machine_type))
     }
 
     /// ram START with MEM_SIZE. See [`Encoder::ram_setup`].
@@ -190,9 +196,7 @@ impl<W: Write> StreamWriter<W> {
     /// # Errors
     /// As [`Encoder::ram_setup`], plus [`WriteError::Io`].
     pub fn ram_setup(&mut self, blocks: &[RamBlockInfo]) -> Result<(), WriteError> {
-        let b = self.buf.len();
-        self.enc.ram_setup(&mut self.buf, blocks)?;
-        self.after(b)
+        self.record(|enc, out| enc.ram_setup(out, blocks))
     }
 
     /// ram PART header. See [`Encoder::begin_ram_iteration`].
@@ -200,9 +204,7 @@ impl<W: Write> StreamWriter<W> {
     /// # Errors
     /// As [`Encoder::begin_ram_iteration`], plus [`WriteError::Io`].
     pub fn begin_ram_iteration(&mut self) -> Result<(), WriteError> {
-        let b = self.buf.len();
-        self.enc.begin_ram_iteration(&mut self.buf)?;
-        self.after(b)
+        self.record(|enc, out| enc.begin_ram_iteration(out))
     }
 
     /// ram END header. See [`Encoder::begin_ram_complete`].
@@ -210,9 +212,7 @@ impl<W: Write> StreamWriter<W> {
     /// # Errors
     /// As [`Encoder::begin_ram_complete`], plus [`WriteError::Io`].
     pub fn begin_ram_complete(&mut self) -> Result<(), WriteError> {
-        let b = self.buf.len();
-        self.enc.begin_ram_complete(&mut self.buf)?;
-        self.after(b)
+        self.record(|enc, out| enc.begin_ram_complete(out))
     }
 
     /// EOS + footer. See [`Encoder::end_ram_section`].
@@ -220,9 +220,7 @@ impl<W: Write> StreamWriter<W> {
     /// # Errors
     /// As [`Encoder::end_ram_section`], plus [`WriteError::Io`].
     pub fn end_ram_section(&mut self) -> Result<(), WriteError> {
-        let b = self.buf.len();
-        self.enc.end_ram_section(&mut self.buf)?;
-        self.after(b)
+        self.record(|enc, out| enc.end_ram_section(out))
     }
 
     /// ZERO record. See [`Encoder::zero_page`].
@@ -230,9 +228,7 @@ impl<W: Write> StreamWriter<W> {
     /// # Errors
     /// As [`Encoder::zero_page`], plus [`WriteError::Io`].
     pub fn write_zero_page(&mut self, block: usize, offset: u64) -> Result<(), WriteError> {
-        let b = self.buf.len();
-        self.enc.zero_page(&mut self.buf, block, offset)?;
-        self.after(b)
+        self.record(|enc, out| enc.zero_page(out, block, offset))
     }
 
     /// PAGE record. See [`Encoder::page`].
@@ -240,9 +236,7 @@ impl<W: Write> StreamWriter<W> {
     /// # Errors
     /// As [`Encoder::page`], plus [`WriteError::Io`].
     pub fn write_page(&mut self, block: usize, offset: u64, data: &Page) -> Result<(), WriteError> {
-        let b = self.buf.len();
-        self.enc.page(&mut self.buf, block, offset, data)?;
-        self.after(b)
+        self.record(|enc, out| enc.page(out, block, offset, data))
     }
 
     /// XBZRLE record. See [`Encoder::xbzrle_page`].
@@ -255,9 +249,7 @@ impl<W: Write> StreamWriter<W> {
         offset: u64,
         delta: &[u8],
     ) -> Result<(), WriteError> {
-        let b = self.buf.len();
-        self.enc.xbzrle_page(&mut self.buf, block, offset, delta)?;
-        self.after(b)
+        self.record(|enc, out| enc.xbzrle_page(out, block, offset, delta))
     }
 
     /// One of our device sections; returns its section id. See [`Encoder::device_state`].
@@ -271,12 +263,7 @@ impl<W: Write> StreamWriter<W> {
         version_id: u32,
         payload: &[u8],
     ) -> Result<u32, WriteError> {
-        let b = self.buf.len();
-        let id = self
-            .enc
-            .device_state(&mut self.buf, name, instance_id, version_id, payload)?;
-        self.after(b)?;
-        Ok(id)
+        self.record(|enc, out| enc.device_state(out, name, instance_id, version_id, payload))
     }
 
     /// EOF. See [`Encoder::eof`].
@@ -284,9 +271,7 @@ impl<W: Write> StreamWriter<W> {
     /// # Errors
     /// As [`Encoder::eof`], plus [`WriteError::Io`].
     pub fn write_eof(&mut self) -> Result<(), WriteError> {
-        let b = self.buf.len();
-        self.enc.eof(&mut self.buf)?;
-        self.after(b)
+        self.record(|enc, out| enc.eof(out))
     }
 
     /// VM description JSON after EOF. See [`Encoder::vm_description`].
@@ -294,8 +279,6 @@ impl<W: Write> StreamWriter<W> {
     /// # Errors
     /// As [`Encoder::vm_description`], plus [`WriteError::Io`].
     pub fn write_vm_description(&mut self, json: &[u8]) -> Result<(), WriteError> {
-        let b = self.buf.len();
-        self.enc.vm_description(&mut self.buf, json)?;
-        self.after(b)
+        self.record(|enc, out| enc.vm_description(out, json))
     }
 }
