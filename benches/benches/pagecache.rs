@@ -75,11 +75,7 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     for policy in policies() {
         let mut cache = warm(policy, &addrs);
-        let resident: Vec<u64> = addrs
-            .iter()
-            .copied()
-            .filter(|&a| cache.contains(a))
-            .collect();
+        let resident = resident(&cache, &addrs);
         let mut i = 0usize;
         g.bench_function(policy.to_string(), |b| {
             b.iter(|| {
@@ -127,11 +123,7 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(P));
     for policy in policies() {
         let mut cache = warm(policy, &addrs);
-        let resident: Vec<u64> = addrs
-            .iter()
-            .copied()
-            .filter(|&a| cache.contains(a))
-            .collect();
+        let resident = resident(&cache, &addrs);
         let mut i = 0usize;
         g.bench_function(policy.to_string(), |b| {
             b.iter(|| {
@@ -184,4 +176,13 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     bench(&mut c);
     c.final_summary();
+}
+
+/// The addresses of `addrs` that `cache` holds.
+fn resident(cache: &PageCache, addrs: &[u64]) -> Vec<u64> {
+    addrs
+        .iter()
+        .copied()
+        .filter(|&a| cache.contains(a))
+        .collect()
 }

@@ -27,16 +27,7 @@ fn mem_not_a_multiple_of_the_page_is_refused() {
 #[test]
 fn external_destination_reports_verified_null_and_succeeds() {
     // The source cannot verify what an external command received.
-    let o = precopy(&[
-        "migrate",
-        "--mem",
-        "8M",
-        "--dirty-rate",
-        "0",
-        "--to",
-        "exec:cat >/dev/null",
-        "--json",
-    ]);
+    let o = migrate_json_to("8M", "exec:cat >/dev/null");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v = json(&o);
     assert_eq!(v["status"], "completed", "{v}");
@@ -85,16 +76,7 @@ fn failed_migration_says_so_and_claims_no_verification() {
 #[test]
 fn destination_gone_mid_precopy_counts_sent_bytes_as_precopy_bytes() {
     // The destination reads 1 MB and exits: the migration fails during pre-copy.
-    let o = precopy(&[
-        "migrate",
-        "--mem",
-        "64M",
-        "--dirty-rate",
-        "0",
-        "--to",
-        "exec:head -c 1000000 >/dev/null",
-        "--json",
-    ]);
+    let o = migrate_json_to("64M", "exec:head -c 1000000 >/dev/null");
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let v = json(&o);
     assert_eq!(v["status"], "failed", "{v}");
@@ -206,4 +188,19 @@ fn stream_errors_name_the_offset_once_and_inspect_json_carries_it() {
     let o = precopy(&["inspect", "--json", "/nonexistent-precopy-stream"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(json(&o)["offset"].is_null());
+}
+
+/// `precopy migrate --mem MEM --dirty-rate 0 --to URI --json`: an idle
+/// simulated guest sent to `uri`.
+fn migrate_json_to(mem: &str, uri: &str) -> std::process::Output {
+    precopy(&[
+        "migrate",
+        "--mem",
+        mem,
+        "--dirty-rate",
+        "0",
+        "--to",
+        uri,
+        "--json",
+    ])
 }

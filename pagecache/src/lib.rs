@@ -298,24 +298,25 @@ pub struct CacheStats {
     pub bytes: u64,
 }
 
+/// `part / whole` as a rate, 0 when `whole` is 0.
+pub(crate) fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
 impl CacheStats {
     /// `misses / lookups`, or 0 when there were no lookups (QEMU's
     /// `cache-miss-rate` over the whole run).
     pub fn miss_rate(&self) -> f64 {
-        if self.lookups == 0 {
-            0.0
-        } else {
-            self.misses as f64 / self.lookups as f64
-        }
+        ratio(self.misses, self.lookups)
     }
 
     /// `hits / lookups`, or 0 when there were no lookups.
     pub fn hit_rate(&self) -> f64 {
-        if self.lookups == 0 {
-            0.0
-        } else {
-            self.hits as f64 / self.lookups as f64
-        }
+        ratio(self.hits, self.lookups)
     }
 }
 

@@ -187,11 +187,7 @@ pub struct ReplayStats {
 impl ReplayStats {
     /// `hits / lookups` (0 without lookups).
     pub fn hit_rate(&self) -> f64 {
-        if self.lookups == 0 {
-            0.0
-        } else {
-            self.hits as f64 / self.lookups as f64
-        }
+        crate::ratio(self.hits, self.lookups)
     }
 
     /// `lookups - hits`.

@@ -370,46 +370,32 @@ impl Loader {
         rec: &RamRecord<'_>,
         len: usize,
     ) -> Result<(), Error> {
+        let (block, page) = match *rec {
+            RamRecord::Zero { block, offset, .. }
+            | RamRecord::Page { block, offset, .. }
+            | RamRecord::Xbzrle { block, offset, .. } => (block, offset),
+            _ => return Ok(()),
+        };
+        self.write_page(offset, block, page, |p| match *rec {
+            // As QEMU (`ram_handle_compressed`): write only when the page is
+            // not already all `fill`, so never-touched RAM stays unmapped.
+            RamRecord::Zero { fill, .. } if fill != 0 || *p != [0u8; PAGE_SIZE] => {
+                p.fill(fill);
+                Ok(())
+            }
+            RamRecord::Page { data, .. } => {
+                p.copy_from_slice(data);
+                Ok(())
+            }
+            RamRecord::Xbzrle { delta, .. } => {
+                xbzrle::decode(delta, p).map_err(|e| fmt_err(offset, FormatError::Xbzrle(e)))
+            }
+            _ => Ok(()),
+        })?;
         match *rec {
-            RamRecord::Zero {
-                block,
-                offset: page,
-                fill,
-                ..
-            } => {
-                self.write_page(offset, block, page, |p| {
-                    // As QEMU (`ram_handle_compressed`): write only when the page
-                    // is not already all `fill`, so never-touched RAM stays unmapped.
-                    if fill != 0 || *p != [0u8; PAGE_SIZE] {
-                        p.fill(fill);
-                    }
-                    Ok(())
-                })?;
-                self.stats.zero.add(len);
-            }
-            RamRecord::Page {
-                block,
-                offset: page,
-                data,
-                ..
-            } => {
-                self.write_page(offset, block, page, |p| {
-                    p.copy_from_slice(data);
-                    Ok(())
-                })?;
-                self.stats.page.add(len);
-            }
-            RamRecord::Xbzrle {
-                block,
-                offset: page,
-                delta,
-                ..
-            } => {
-                self.write_page(offset, block, page, |p| {
-                    xbzrle::decode(delta, p)
-                        .map_err(|e| fmt_err(offset, FormatError::Xbzrle(e)))?;
-                    Ok(())
-                })?;
+            RamRecord::Zero { .. } => self.stats.zero.add(len),
+            RamRecord::Page { .. } => self.stats.page.add(len),
+            RamRecord::Xbzrle { delta, .. } => {
                 self.stats.xbzrle.add(len);
                 self.stats.xbzrle_delta_bytes += delta.len() as u64;
             }

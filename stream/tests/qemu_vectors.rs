@@ -92,17 +92,28 @@ fn check_blocks(l: &Loaded) {
     assert_eq!(l.file_version, 3);
 }
 
+/// For test `test`: `None` when the vectors are absent (skipped); else the
+/// `which` stream ("xbzrle" or "plain") loaded, its blocks checked against
+/// expected.json, its ZERO and PAGE record counts checked, and its part of
+/// expected.json (`<which>_stream`).
+fn stream_case(test: &str, which: &str) -> Option<(&'static Loaded, serde_json::Value)> {
+    if skipped(test) {
+        return None;
+    }
+    let l = loaded(which);
+    check_blocks(l);
+    let e = expected()[format!("{which}_stream").as_str()].clone();
+    assert_eq!(l.stats.zero.count, e["records"]["zero"].as_u64().unwrap());
+    assert_eq!(l.stats.page.count, e["records"]["page"].as_u64().unwrap());
+    Some((l, e))
+}
+
 #[test]
 fn xbzrle_stream_matches_expected() {
-    if skipped("xbzrle_stream_matches_expected") {
+    let Some((l, e)) = stream_case("xbzrle_stream_matches_expected", "xbzrle") else {
         return;
-    }
-    let l = loaded("xbzrle");
-    check_blocks(l);
-    let e = &expected()["xbzrle_stream"];
+    };
     let s = &l.stats;
-    assert_eq!(s.zero.count, e["records"]["zero"].as_u64().unwrap());
-    assert_eq!(s.page.count, e["records"]["page"].as_u64().unwrap());
     assert_eq!(s.xbzrle.count, e["records"]["xbzrle"].as_u64().unwrap());
     assert_eq!(
         s.xbzrle_delta_bytes,
@@ -182,15 +193,10 @@ fn named_bytes(l: &Loaded, kind: &str) -> u64 {
 
 #[test]
 fn plain_stream_matches_expected() {
-    if skipped("plain_stream_matches_expected") {
+    let Some((l, e)) = stream_case("plain_stream_matches_expected", "plain") else {
         return;
-    }
-    let l = loaded("plain");
-    check_blocks(l);
-    let e = &expected()["plain_stream"];
+    };
     let s = &l.stats;
-    assert_eq!(s.zero.count, e["records"]["zero"].as_u64().unwrap());
-    assert_eq!(s.page.count, e["records"]["page"].as_u64().unwrap());
     assert_eq!(s.xbzrle.count, 0);
     assert_eq!(
         s.records_with_block_name,

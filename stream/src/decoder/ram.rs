@@ -130,7 +130,7 @@ impl Decoder {
             FLAG_ZERO => zero_record(c, block, offset, named)?,
             FLAG_PAGE => page_record(c, block, offset, named)?,
             FLAG_XBZRLE => xbzrle_record(c, block, offset, named)?,
-            _ => compressed_page_record(c, block, offset, named)?,
+            _ => zlib_record(c, block, offset, named)?,
         };
         self.last_block = Some(block);
         Ok(rec)
@@ -241,40 +241,39 @@ fn xbzrle_record<'a>(c: &mut Cur<'a>, block: usize, offset: u64, named: bool) ->
         return bad(FormatError::BadXbzrleEncoding { byte: enc });
     }
     let len = c.be16()? as usize;
-    if len > PAGE_SIZE {
-        return bad(FormatError::TooLong {
-            what: "XBZRLE delta",
-            len: len as u64,
-            limit: PAGE_SIZE as u64,
-        });
-    }
     Ok(RamRecord::Xbzrle {
         block,
         offset,
-        delta: c.bytes(len)?,
+        delta: bounded_bytes(c, len, PAGE_SIZE, "XBZRLE delta")?,
         named,
     })
 }
 
 /// COMPRESS_PAGE body: be32 length ≤ 4110, the zlib data (framing only).
-fn compressed_page_record<'a>(
-    c: &mut Cur<'a>,
-    block: usize,
-    offset: u64,
-    named: bool,
-) -> Pr<RamRecord<'a>> {
+fn zlib_record<'a>(c: &mut Cur<'a>, block: usize, offset: u64, named: bool) -> Pr<RamRecord<'a>> {
     let len = c.be32()? as usize;
-    if len > MAX_COMPRESSED_PAGE {
-        return bad(FormatError::TooLong {
-            what: "compressed page",
-            len: len as u64,
-            limit: MAX_COMPRESSED_PAGE as u64,
-        });
-    }
     Ok(RamRecord::CompressedPage {
         block,
         offset,
-        data: c.bytes(len)?,
+        data: bounded_bytes(c, len, MAX_COMPRESSED_PAGE, "compressed page")?,
         named,
     })
+}
+
+/// The next `len` bytes, after checking `len` against `limit`
+/// ([`FormatError::TooLong`] naming `what` when it is over).
+fn bounded_bytes<'a>(
+    c: &mut Cur<'a>,
+    len: usize,
+    limit: usize,
+    what: &'static str,
+) -> Pr<&'a [u8]> {
+    if len > limit {
+        return bad(FormatError::TooLong {
+            what,
+            len: len as u64,
+            limit: limit as u64,
+        });
+    }
+    c.bytes(len)
 }
