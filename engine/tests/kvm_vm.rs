@@ -196,22 +196,46 @@ fn bad_configurations_are_typed_errors() {
     if !kvm_common::kvm_available("bad_configurations_are_typed_errors") {
         return;
     }
-    for cfg in [
-        small(1, 1),
-        small(16, 0),
-        small(16, 65),
-        KvmConfig {
-            mem_size: (16 << 20) + 1,
-            ..small(16, 1)
-        },
-        KvmConfig {
-            slot_size: 4096,
-            ..small(16, 1)
-        },
-    ] {
+    use precopy_engine::kvm::{ConfigError as C, KvmError};
+    type Check = fn(&C) -> bool;
+    let cases: [(KvmConfig, Check); 6] = [
+        (small(1, 1), |c| {
+            matches!(c, C::TooLittleRam { ram_size, vcpus: 1, pages: 0, min_pages: 64 }
+                if *ram_size == 1 << 20)
+        }),
+        (small(16, 0), |c| matches!(c, C::NoVcpus { max: 64 })),
+        (small(16, 65), |c| {
+            matches!(
+                c,
+                C::TooManyVcpus {
+                    requested: 65,
+                    max: 64
+                }
+            )
+        }),
+        (
+            small(4 << 10, 1),
+            |c| matches!(c, C::TooMuchRam { requested, limit: 0xC000_0000 } if *requested == 4 << 30),
+        ),
+        (
+            KvmConfig {
+                mem_size: (16 << 20) + 1,
+                ..small(16, 1)
+            },
+            |c| matches!(c, C::RamNotPageMultiple { size, page_size: 4096 } if *size == (16 << 20) + 1),
+        ),
+        (
+            KvmConfig {
+                slot_size: 4096,
+                ..small(16, 1)
+            },
+            |c| matches!(c, C::SlotSize { size: 4096, granule } if *granule == 64 * PAGE_SIZE),
+        ),
+    ];
+    for (cfg, check) in cases {
         let e = KvmVm::new(&cfg).unwrap_err();
         assert!(
-            matches!(e, precopy_engine::kvm::KvmError::Config(_)),
+            matches!(&e, KvmError::Config(c) if check(c)),
             "{cfg:?}: {e}"
         );
     }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use xbzrle::{PAGE_SIZE, Page};
 
-use super::{KvmError, KvmVm, RAM_BLOCK_NAME, state};
+use super::{ConfigError, KvmError, KvmVm, RAM_BLOCK_NAME, state};
 use crate::destination::Received;
 use crate::guest::GuestRamWrite;
 
@@ -85,22 +85,22 @@ impl KvmVm {
             .device_states
             .iter()
             .find(|d| d.name == VCPU_SECTION)
-            .ok_or_else(|| {
-                KvmError::Config(format!("the stream has no {VCPU_SECTION:?} device section"))
-            })?
+            .ok_or(KvmError::Config(ConfigError::MissingVcpuSection {
+                section: VCPU_SECTION,
+            }))?
             .payload;
         let blocks = received.image.blocks();
         let [block] = blocks else {
-            return Err(KvmError::Config(format!(
-                "{} RAM blocks received; a KVM guest has one, {RAM_BLOCK_NAME:?}",
-                blocks.len()
-            )));
+            return Err(KvmError::Config(ConfigError::RamBlockCount {
+                got: blocks.len(),
+                expected: RAM_BLOCK_NAME,
+            }));
         };
         if block.name() != RAM_BLOCK_NAME {
-            return Err(KvmError::Config(format!(
-                "RAM block {:?} received; a KVM guest has {RAM_BLOCK_NAME:?}",
-                block.name()
-            )));
+            return Err(KvmError::Config(ConfigError::WrongRamBlock {
+                name: block.name().to_owned(),
+                expected: RAM_BLOCK_NAME,
+            }));
         }
         let states = state::decode(vcpu_section)?;
         let vm = KvmVm::new_incoming(block.len(), states.len())?;
@@ -142,9 +142,10 @@ impl GuestRamWrite for IncomingRam<'_> {
 
     fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), KvmError> {
         if name != RAM_BLOCK_NAME {
-            return Err(KvmError::Config(format!(
-                "RAM block {name:?} is not this VM's {RAM_BLOCK_NAME:?}"
-            )));
+            return Err(KvmError::Config(ConfigError::WrongRamBlock {
+                name: name.to_owned(),
+                expected: RAM_BLOCK_NAME,
+            }));
         }
         self.0.ram().write(page * PAGE_SIZE as u64, data)
     }

@@ -30,6 +30,7 @@
 //! # Ok::<(), precopy_engine::kvm::KvmError>(())
 //! ```
 
+mod error;
 pub mod migration;
 pub mod program;
 pub mod ram;
@@ -43,57 +44,13 @@ use std::time::Duration;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 
+pub use error::{ConfigError, KvmError, MemoryError, Unavailable, VcpuError};
 pub use migration::{DeviceSection, GuestReport, SelfCheck, VCPU_SECTION};
 pub use program::{GuestStatus, KvmWorkload};
 pub use ram::{KvmRam, SyncTiming};
 pub use state::VcpuState;
 pub use traits::RAM_BLOCK_NAME;
 pub use vcpu::VcpuSet;
-
-/// Errors of the KVM guest.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum KvmError {
-    /// `/dev/kvm` is missing or cannot create a VM.
-    #[error("/dev/kvm is not usable: {0}")]
-    Unavailable(String),
-    /// A KVM ioctl failed.
-    #[error("{op} failed: {source}")]
-    Ioctl {
-        /// The ioctl.
-        op: &'static str,
-        /// errno from the kernel.
-        source: kvm_ioctls::Error,
-    },
-    /// A size, count or parameter is out of range.
-    #[error("invalid KVM guest configuration: {0}")]
-    Config(String),
-    /// Guest memory could not be mapped or an access left it.
-    #[error("guest memory: {0}")]
-    Memory(String),
-    /// The guest program could not be assembled.
-    #[error("assembling the guest program: {0}")]
-    Assemble(iced_x86::IcedError),
-    /// A serialized vCPU state is malformed.
-    #[error("vCPU state: bad {what} at byte {offset}")]
-    State {
-        /// The field.
-        what: &'static str,
-        /// Byte offset in the serialized state.
-        offset: usize,
-    },
-    /// A vCPU thread failed or a vCPU request was invalid.
-    #[error("vCPU {index}: {what}")]
-    Vcpu {
-        /// vCPU index.
-        index: usize,
-        /// What happened.
-        what: String,
-    },
-    /// vCPUs did not reach the requested state in time.
-    #[error("timed out waiting for the vCPUs to {0}")]
-    Timeout(&'static str),
-}
 
 /// Default guest RAM size (512 MiB).
 pub const DEFAULT_MEM_SIZE: u64 = 512 << 20;
@@ -171,23 +128,24 @@ impl KvmVm {
     ///
     /// Errors: [`KvmError::Unavailable`] saying why.
     pub fn probe() -> Result<(), KvmError> {
-        let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(format!("open: {e}")))?;
-        if kvm.get_api_version() != 12 {
-            return Err(KvmError::Unavailable(format!(
-                "KVM API version {} (12 needed)",
-                kvm.get_api_version()
-            )));
+        let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(Unavailable::Open(e)))?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(KvmError::Unavailable(Unavailable::ApiVersion { version }));
         }
         kvm.create_vm()
-            .map_err(|e| KvmError::Unavailable(format!("KVM_CREATE_VM: {e}")))?;
+            .map_err(|e| KvmError::Unavailable(Unavailable::CreateVm(e)))?;
         Ok(())
     }
 
     /// Creates a VM running the guest program: RAM of `config.mem_size`,
     /// `config.vcpus` vCPUs in protected mode at the program's entry.
     ///
-    /// Errors: [`KvmError::Unavailable`], [`KvmError::Config`],
-    /// [`KvmError::Ioctl`], [`KvmError::Memory`], [`KvmError::Vcpu`].
+    /// Errors: [`KvmError::Unavailable`], [`KvmError::Config`] (e.g.
+    /// [`ConfigError::TooManyVcpus`]), [`KvmError::Ioctl`],
+    /// [`KvmError::Memory`], [`KvmError::Vcpu`], and when a thread cannot be
+    /// set up [`KvmError::VcpuThread`], [`KvmError::ThrottleTicker`],
+    /// [`KvmError::KickHandler`].
     pub fn new(config: &KvmConfig) -> Result<Self, KvmError> {
         program::check_layout(config.mem_size, config.vcpus)?;
         let vm = Self::create(config.mem_size, config.vcpus, config.slot_size)?;
@@ -212,10 +170,10 @@ impl KvmVm {
     }
 
     fn create(mem_size: u64, vcpus: usize, slot_size: u64) -> Result<Self, KvmError> {
-        let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(format!("open: {e}")))?;
+        let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(Unavailable::Open(e)))?;
         let vm = kvm
             .create_vm()
-            .map_err(|e| KvmError::Unavailable(format!("KVM_CREATE_VM: {e}")))?;
+            .map_err(|e| KvmError::Unavailable(Unavailable::CreateVm(e)))?;
         vm.set_tss_address(0xfffb_d000)
             .map_err(|source| KvmError::Ioctl {
                 op: "KVM_SET_TSS_ADDR",
@@ -318,7 +276,8 @@ impl KvmVm {
         for i in 0..self.vcpus.len() {
             states.push(
                 self.vcpus
-                    .with_fd(i, |fd| VcpuState::save(fd, &self.msr_list))??,
+                    .with_fd(i, |fd| VcpuState::save(fd, &self.msr_list))?
+                    .map_err(|e| e.for_vcpu(i))?,
             );
         }
         Ok(state::encode(&states))
@@ -327,18 +286,19 @@ impl KvmVm {
     /// Loads a serialized state into the (stopped) vCPUs.
     ///
     /// Errors: [`KvmError::State`] for malformed bytes, [`KvmError::Config`]
-    /// when the vCPU count differs, and KVM's errors.
+    /// ([`ConfigError::VcpuCountMismatch`]) when the vCPU count differs, and KVM's errors.
     pub fn restore_state(&self, bytes: &[u8]) -> Result<(), KvmError> {
         let states = state::decode(bytes)?;
         if states.len() != self.vcpus.len() {
-            return Err(KvmError::Config(format!(
-                "state has {} vCPUs, this VM {}",
-                states.len(),
-                self.vcpus.len()
-            )));
+            return Err(KvmError::Config(ConfigError::VcpuCountMismatch {
+                state: states.len(),
+                vm: self.vcpus.len(),
+            }));
         }
         for (i, s) in states.iter().enumerate() {
-            self.vcpus.with_fd(i, |fd| s.restore(fd))??;
+            self.vcpus
+                .with_fd(i, |fd| s.restore(fd))?
+                .map_err(|e| e.for_vcpu(i))?;
         }
         Ok(())
     }

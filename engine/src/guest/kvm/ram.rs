@@ -17,12 +17,15 @@ use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use xbzrle::PAGE_SIZE;
 
-use super::KvmError;
+use super::{ConfigError, KvmError, MemoryError};
 
 /// Default largest KVM memory slot (bytes). Larger RAM is split into
 /// several slots; every slot but the last has the slot size, a multiple of
 /// 64 pages so the per-slot bitmaps concatenate on `u64` boundaries.
 pub const MAX_SLOT_SIZE: u64 = 1 << 30;
+
+/// Largest guest RAM [`KvmRam::new`] maps (64 TiB, bytes).
+const MAX_MAPPED_RAM: u64 = 1 << 46;
 
 /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` (linux/kvm.h): with it,
 /// `KVM_GET_DIRTY_LOG` does not re-protect pages; `KVM_CLEAR_DIRTY_LOG` does.
@@ -99,20 +102,22 @@ impl KvmRam {
     /// when the mmap fails, [`KvmError::Ioctl`] when KVM refuses a slot.
     pub fn new(vm: &VmFd, size: u64, slot_size: u64) -> Result<Self, KvmError> {
         if slot_size == 0 || !slot_size.is_multiple_of(64 * PAGE_SIZE as u64) {
-            return Err(KvmError::Config(format!(
-                "slot size {slot_size} is not a positive multiple of {} (64 pages)",
-                64 * PAGE_SIZE
-            )));
+            return Err(KvmError::Config(ConfigError::SlotSize {
+                size: slot_size,
+                granule: 64 * PAGE_SIZE,
+            }));
         }
         if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
-            return Err(KvmError::Config(format!(
-                "guest RAM size {size} is not a positive multiple of {PAGE_SIZE}"
-            )));
+            return Err(KvmError::Config(ConfigError::RamNotPageMultiple {
+                size,
+                page_size: PAGE_SIZE,
+            }));
         }
-        if size > (1 << 46) {
-            return Err(KvmError::Config(format!(
-                "guest RAM size {size} is too large"
-            )));
+        if size > MAX_MAPPED_RAM {
+            return Err(KvmError::Config(ConfigError::RamTooLarge {
+                requested: size,
+                limit: MAX_MAPPED_RAM,
+            }));
         }
         let supported = vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
         let mut manual_protect = false;
@@ -143,12 +148,21 @@ impl KvmRam {
             .iter()
             .map(|s| (GuestAddress(s.gpa), s.size as usize))
             .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges)
-            .map_err(|e| KvmError::Memory(format!("mmap of {size} bytes: {e}")))?;
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| {
+            KvmError::Memory(MemoryError::Mmap {
+                bytes: size,
+                source,
+            })
+        })?;
         for slot in &slots {
             let host = mem
                 .get_host_address(GuestAddress(slot.gpa))
-                .map_err(|e| KvmError::Memory(format!("slot at {:#x}: {e}", slot.gpa)))?;
+                .map_err(|source| {
+                    KvmError::Memory(MemoryError::SlotAddress {
+                        gpa: slot.gpa,
+                        source,
+                    })
+                })?;
             let region = kvm_userspace_memory_region {
                 slot: slot.id,
                 flags: KVM_MEM_LOG_DIRTY_PAGES,
@@ -211,7 +225,7 @@ impl KvmRam {
         self.check_range(offset, buf.len())?;
         self.mem
             .read_slice(buf, GuestAddress(offset))
-            .map_err(|e| KvmError::Memory(format!("read at {offset:#x}: {e}")))
+            .map_err(|source| KvmError::Memory(MemoryError::Read { offset, source }))
     }
 
     /// Copies `data` into guest RAM at guest-physical `offset`.
@@ -221,7 +235,7 @@ impl KvmRam {
         self.check_range(offset, data.len())?;
         self.mem
             .write_slice(data, GuestAddress(offset))
-            .map_err(|e| KvmError::Memory(format!("write at {offset:#x}: {e}")))
+            .map_err(|source| KvmError::Memory(MemoryError::Write { offset, source }))
     }
 
     /// Fills `len` bytes at `offset` with `byte`.
@@ -254,10 +268,11 @@ impl KvmRam {
     fn check_range(&self, offset: u64, len: usize) -> Result<(), KvmError> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(KvmError::Memory(format!(
-                "range {offset:#x}+{len:#x} is outside guest RAM of {:#x} bytes",
-                self.size
-            ))),
+            _ => Err(KvmError::Memory(MemoryError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            })),
         }
     }
 
@@ -273,11 +288,10 @@ impl KvmRam {
     /// Errors: [`KvmError::Memory`] for a short bitmap, [`KvmError::Ioctl`].
     pub fn sync_dirty_log(&self, vm: &VmFd, bitmap: &mut [u64]) -> Result<SyncTiming, KvmError> {
         if bitmap.len() < self.bitmap_words() {
-            return Err(KvmError::Memory(format!(
-                "dirty bitmap of {} words, {} needed",
-                bitmap.len(),
-                self.bitmap_words()
-            )));
+            return Err(KvmError::Memory(MemoryError::ShortBitmap {
+                words: bitmap.len(),
+                needed: self.bitmap_words(),
+            }));
         }
         let start = Instant::now();
         let mut dirty_pages = 0u64;

@@ -26,8 +26,8 @@ use kvm_bindings::{Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_e
 use kvm_ioctls::VcpuFd;
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::KvmError;
 use super::program::MAX_VCPUS;
+use super::{KvmError, VcpuError};
 
 /// Magic at the start of a serialized vCPU state.
 pub const MAGIC: &[u8; 8] = b"PCKVMCPU";
@@ -72,7 +72,8 @@ pub struct VcpuState {
 impl VcpuState {
     /// Reads the state of a stopped vCPU; `msr_list` names the MSRs to save.
     ///
-    /// Errors: [`KvmError::Ioctl`].
+    /// Errors: [`KvmError::Ioctl`]; [`KvmError::Vcpu`] (index 0: this
+    /// function does not know the vCPU's index) when the MSR list is too long.
     pub fn save(fd: &VcpuFd, msr_list: &[u32]) -> Result<Self, KvmError> {
         let io = |op: &'static str| move |source| KvmError::Ioctl { op, source };
         let regs = fd.get_regs().map_err(io("KVM_GET_REGS"))?;
@@ -89,7 +90,7 @@ impl VcpuState {
             .collect();
         let mut msrs = Msrs::from_entries(&entries).map_err(|e| KvmError::Vcpu {
             index: 0,
-            what: format!("MSR list: {e:?}"),
+            error: VcpuError::MsrList(e),
         })?;
         let n = fd.get_msrs(&mut msrs).map_err(io("KVM_GET_MSRS"))?;
         let msrs = msrs.as_slice()[..n.min(entries.len())]
@@ -108,7 +109,8 @@ impl VcpuState {
     /// Writes this state into a vCPU (sregs first, as KVM wants the mode
     /// before the registers that depend on it).
     ///
-    /// Errors: [`KvmError::Ioctl`]; [`KvmError::Vcpu`] when KVM refuses an MSR.
+    /// Errors: [`KvmError::Ioctl`]; [`KvmError::Vcpu`] (index 0: this function
+    /// does not know the vCPU's index) when KVM refuses an MSR.
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), KvmError> {
         let io = |op: &'static str| move |source| KvmError::Ioctl { op, source };
         fd.set_sregs(&self.sregs).map_err(io("KVM_SET_SREGS"))?;
@@ -128,17 +130,17 @@ impl VcpuState {
                 .collect();
             let msrs = Msrs::from_entries(&entries).map_err(|e| KvmError::Vcpu {
                 index: 0,
-                what: format!("MSR list: {e:?}"),
+                error: VcpuError::MsrList(e),
             })?;
             let n = fd.set_msrs(&msrs).map_err(io("KVM_SET_MSRS"))?;
             if n != entries.len() {
                 return Err(KvmError::Vcpu {
                     index: 0,
-                    what: format!(
-                        "KVM_SET_MSRS set {n} of {} MSRs; MSR {:#x} refused",
-                        entries.len(),
-                        entries[n].index
-                    ),
+                    error: VcpuError::MsrRefused {
+                        set: n,
+                        total: entries.len(),
+                        msr: entries[n].index,
+                    },
                 });
             }
         }

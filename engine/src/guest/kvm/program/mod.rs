@@ -42,8 +42,8 @@ mod asm;
 
 pub use asm::assemble;
 
-use super::KvmError;
 use super::ram::KvmRam;
+use super::{ConfigError, KvmError};
 use xbzrle::PAGE_SIZE;
 
 /// Guest-physical address of the GDT.
@@ -62,6 +62,8 @@ pub const DATA_BASE: u64 = 0x100000;
 pub const PACING_PORT: u16 = 0x80;
 /// Smallest data region per vCPU (pages).
 pub const MIN_REGION_PAGES: u64 = 64;
+/// Most guest RAM the 32-bit program addresses (3 GiB, bytes).
+const MAX_GUEST_RAM: u64 = 0xC000_0000;
 
 /// Byte offsets of the `u32` fields of a vCPU's mailbox record.
 pub mod mailbox {
@@ -164,24 +166,66 @@ pub fn region(ram_size: u64, vcpus: usize, index: usize) -> (u64, u64) {
 
 /// Checks that `vcpus` regions fit in `ram_size` bytes.
 pub fn check_layout(ram_size: u64, vcpus: usize) -> Result<(), KvmError> {
-    if vcpus == 0 || vcpus > MAX_VCPUS {
-        return Err(KvmError::Config(format!(
-            "{vcpus} vCPUs; 1..={MAX_VCPUS} supported"
-        )));
+    if vcpus == 0 {
+        return Err(KvmError::Config(ConfigError::NoVcpus { max: MAX_VCPUS }));
     }
-    if ram_size > 0xC000_0000 {
-        return Err(KvmError::Config(format!(
-            "guest RAM of {ram_size} bytes; the 32-bit guest program addresses at most 3 GiB"
-        )));
+    if vcpus > MAX_VCPUS {
+        return Err(KvmError::Config(ConfigError::TooManyVcpus {
+            requested: vcpus,
+            max: MAX_VCPUS,
+        }));
+    }
+    if ram_size > MAX_GUEST_RAM {
+        return Err(KvmError::Config(ConfigError::TooMuchRam {
+            requested: ram_size,
+            limit: MAX_GUEST_RAM,
+        }));
     }
     let (_, pages) = region(ram_size, vcpus, 0);
     if pages < MIN_REGION_PAGES {
-        return Err(KvmError::Config(format!(
-            "guest RAM of {ram_size} bytes leaves {pages} data pages per vCPU; \
-             at least {MIN_REGION_PAGES} needed"
-        )));
+        return Err(KvmError::Config(ConfigError::TooLittleRam {
+            ram_size,
+            vcpus,
+            pages,
+            min_pages: MIN_REGION_PAGES,
+        }));
     }
     Ok(())
+}
+
+/// Checks that `workload`'s parameters are in range.
+fn check_workload(workload: &KvmWorkload) -> Result<(), KvmError> {
+    let w = workload;
+    let bad: [(&'static str, u64, &'static str, bool); 4] = [
+        (
+            "sweep_pages",
+            w.sweep_pages.into(),
+            "1..=4096",
+            (1..=4096).contains(&w.sweep_pages),
+        ),
+        ("stride", w.stride.into(), "≥ 1", w.stride >= 1),
+        (
+            "prefill_percent",
+            w.prefill_percent.into(),
+            "≤ 100",
+            w.prefill_percent <= 100,
+        ),
+        (
+            "hot_percent",
+            w.hot_percent.into(),
+            "1..=100",
+            (1..=100).contains(&w.hot_percent),
+        ),
+    ];
+    match bad.into_iter().find(|&(.., ok)| !ok) {
+        Some((field, value, allowed, _)) => Err(KvmError::Config(ConfigError::Workload {
+            workload: *workload,
+            field,
+            value,
+            allowed,
+        })),
+        None => Ok(()),
+    }
 }
 
 /// Writes the GDT, every vCPU's mailbox with `workload`'s parameters, the
@@ -189,17 +233,7 @@ pub fn check_layout(ram_size: u64, vcpus: usize) -> Result<(), KvmError> {
 /// before (fresh RAM is).
 pub fn init_guest(ram: &KvmRam, vcpus: usize, workload: &KvmWorkload) -> Result<(), KvmError> {
     check_layout(ram.size(), vcpus)?;
-    if workload.sweep_pages == 0
-        || workload.sweep_pages > 4096
-        || workload.stride == 0
-        || workload.prefill_percent > 100
-        || !(1..=100).contains(&workload.hot_percent)
-    {
-        return Err(KvmError::Config(format!(
-            "workload {workload:?}: sweep_pages must be 1..=4096, stride ≥ 1, \
-             prefill_percent ≤ 100, hot_percent 1..=100"
-        )));
-    }
+    check_workload(workload)?;
     let gdt: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
     for (i, d) in gdt.iter().enumerate() {
         ram.write(GDT_BASE + 8 * i as u64, &d.to_le_bytes())?;

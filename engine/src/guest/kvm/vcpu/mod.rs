@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
 
-use super::KvmError;
+use super::{KvmError, VcpuError};
 
 /// Length of one throttle slice (QEMU's `CPU_THROTTLE_TIMESLICE_NS`).
 pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
@@ -50,7 +50,7 @@ struct ParkState {
     /// Times the thread has parked (to wait for a new park).
     parks: u64,
     /// First fatal error of the vCPU thread (it then stays parked).
-    error: Option<String>,
+    error: Option<VcpuError>,
 }
 
 /// VM-wide knobs the controller changes while vCPUs run.
@@ -78,7 +78,8 @@ pub struct VcpuSet {
 impl VcpuSet {
     /// Spawns one parked thread per vCPU fd (index = position).
     ///
-    /// Errors: [`KvmError::Vcpu`] when the kick handler or a thread cannot
+    /// Errors: [`KvmError::KickHandler`], [`KvmError::VcpuThread`] or
+    /// [`KvmError::ThrottleTicker`] when the kick handler or a thread cannot
     /// be set up.
     pub fn spawn(fds: Vec<VcpuFd>) -> Result<Self, KvmError> {
         install_kick_handler()?;
@@ -102,10 +103,7 @@ impl VcpuSet {
             let handle = std::thread::Builder::new()
                 .name(format!("kvm-vcpu{index}"))
                 .spawn(move || vcpu_thread(&s, &k))
-                .map_err(|e| KvmError::Vcpu {
-                    index,
-                    what: format!("spawning thread: {e}"),
-                })?;
+                .map_err(|source| KvmError::VcpuThread { index, source })?;
             vcpus.push((shared, handle));
         }
         let k = knobs.clone();
@@ -121,10 +119,7 @@ impl VcpuSet {
         let ticker = std::thread::Builder::new()
             .name("kvm-throttle".into())
             .spawn(move || throttle_ticker(&k, &kicks))
-            .map_err(|e| KvmError::Vcpu {
-                index: 0,
-                what: format!("spawning throttle ticker: {e}"),
-            })?;
+            .map_err(KvmError::ThrottleTicker)?;
         let set = Self {
             vcpus,
             knobs,
@@ -167,7 +162,7 @@ impl VcpuSet {
                 if let Some(e) = &st.error {
                     return Err(KvmError::Vcpu {
                         index: s.index,
-                        what: e.clone(),
+                        error: e.clone(),
                     });
                 }
                 if st.parked {
@@ -211,7 +206,7 @@ impl VcpuSet {
                 if let Some(e) = &g.error {
                     return Err(KvmError::Vcpu {
                         index: s.index,
-                        what: e.clone(),
+                        error: e.clone(),
                     });
                 }
                 if g.parked && g.parks > parks {
@@ -242,7 +237,7 @@ impl VcpuSet {
             if let Some(e) = &lock(&s.park).error {
                 return Err(KvmError::Vcpu {
                     index: s.index,
-                    what: e.clone(),
+                    error: e.clone(),
                 });
             }
         }
@@ -287,14 +282,14 @@ impl VcpuSet {
     /// Errors: [`KvmError::Vcpu`] when `index` is out of range or the vCPUs
     /// are running.
     pub fn with_fd<R>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> R) -> Result<R, KvmError> {
-        let (s, _) = self.vcpus.get(index).ok_or_else(|| KvmError::Vcpu {
+        let (s, _) = self.vcpus.get(index).ok_or(KvmError::Vcpu {
             index,
-            what: "no such vCPU".into(),
+            error: VcpuError::NoSuchVcpu,
         })?;
         if !lock(&s.park).parked {
             return Err(KvmError::Vcpu {
                 index,
-                what: "vCPU is running; stop it first".into(),
+                error: VcpuError::Running,
             });
         }
         let fd = lock(&s.fd);

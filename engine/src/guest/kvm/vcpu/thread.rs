@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuExit;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
-use super::super::KvmError;
 use super::super::program::PACING_PORT;
+use super::super::{KvmError, VcpuError};
 use super::{Knobs, Shared, THROTTLE_SLICE};
 
 /// Signal used to kick a vCPU thread out of `KVM_RUN`.
@@ -28,10 +28,9 @@ pub(super) fn install_kick_handler() -> Result<(), KvmError> {
             .map_or(0, |e| e.errno())
     });
     if errno != 0 {
-        return Err(KvmError::Vcpu {
-            index: 0,
-            what: format!("installing the kick signal handler: errno {errno}"),
-        });
+        return Err(KvmError::KickHandler(std::io::Error::from_raw_os_error(
+            errno,
+        )));
     }
     Ok(())
 }
@@ -100,10 +99,10 @@ pub(super) fn park(s: &Shared) {
     g.parked = false;
 }
 
-pub(super) fn fail(s: &Shared, what: String) {
+pub(super) fn fail(s: &Shared, error: VcpuError) {
     let mut g = lock(&s.park);
     if g.error.is_none() {
-        g.error = Some(what);
+        g.error = Some(error);
     }
     g.parked = true;
     s.cond.notify_all();
@@ -140,15 +139,15 @@ pub(super) fn vcpu_thread(s: &Shared, knobs: &Knobs) {
             }
             Ok(VcpuExit::Intr) => None,
             Ok(other) => {
-                let what = format!("unexpected exit {other:?}");
+                let exit = format!("{other:?}");
                 drop(fd);
-                fail(s, what);
+                fail(s, VcpuError::UnexpectedExit { exit });
                 return;
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => {
                 drop(fd);
-                fail(s, format!("KVM_RUN: {e}"));
+                fail(s, VcpuError::Run(e));
                 return;
             }
         };
