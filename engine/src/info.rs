@@ -159,7 +159,9 @@ pub struct MigrationInfo {
     /// Auto-converge throttle in force, % (only when throttling).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_percentage: Option<u8>,
-    /// Why the migration failed.
+    /// Why the migration failed: the rendered message of the typed error
+    /// that failed it. A `String` on purpose: this mirrors QMP's
+    /// `error-desc` of `query-migrate`, a human-readable text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_desc: Option<String>,
 }

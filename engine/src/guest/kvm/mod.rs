@@ -320,7 +320,10 @@ impl KvmVm {
     }
 
     /// The guest's own failure flags: `None` when no vCPU has flagged a
-    /// mismatch, else a description of the first.
+    /// mismatch, else a description of the first. This is the guest
+    /// program's report on itself, shown to the user as text (the
+    /// [`GuestReport::failure`] of a migrated guest); host-side failures
+    /// are the `Err` ([`KvmError`]).
     pub fn guest_failure(&self) -> Result<Option<String>, KvmError> {
         for (i, s) in self.guest_status()?.iter().enumerate() {
             if s.fail != 0 {
