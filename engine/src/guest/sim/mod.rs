@@ -115,6 +115,22 @@ pub enum SimConfigError {
     /// `vcpus` is 0.
     #[error("the simulated guest needs at least one vCPU")]
     NoVcpu,
+    /// `vcpus` is above [`SimGuest::MAX_VCPUS`].
+    #[error("{requested} vCPUs; the simulated guest supports 1..={max}")]
+    TooManyVcpus {
+        /// vCPUs asked for.
+        requested: usize,
+        /// The limit, [`SimGuest::MAX_VCPUS`].
+        max: usize,
+    },
+    /// The host would not start a vCPU thread (the guest is torn down again).
+    #[error("cannot start the thread of vCPU {index}: {kind}")]
+    SpawnVcpu {
+        /// The vCPU whose thread failed to start.
+        index: usize,
+        /// Why, as the host said.
+        kind: std::io::ErrorKind,
+    },
     /// `initial_zero_percent` is above 100.
     #[error("initial_zero_percent {0} is above 100")]
     ZeroPercent(u8),
@@ -139,10 +155,25 @@ pub enum SimConfigError {
 }
 
 impl SimGuest {
+    /// The most vCPUs (writer threads) a simulated guest has: QEMU's largest
+    /// x86 machine limit (q35 with x2APIC).
+    pub const MAX_VCPUS: usize = 1024;
+
     /// Build the guest, fill its RAM (seeded) and start its vCPU threads.
+    ///
+    /// # Errors
+    /// [`SimConfigError`] for an invalid configuration, RAM the host cannot
+    /// allocate, or a vCPU thread the host would not start (the threads
+    /// already started are stopped and joined first).
     pub fn new(config: SimConfig) -> Result<SimGuest, SimConfigError> {
         if config.vcpus == 0 {
             return Err(SimConfigError::NoVcpu);
+        }
+        if config.vcpus > Self::MAX_VCPUS {
+            return Err(SimConfigError::TooManyVcpus {
+                requested: config.vcpus,
+                max: Self::MAX_VCPUS,
+            });
         }
         if config.initial_zero_percent > 100 {
             return Err(SimConfigError::ZeroPercent(config.initial_zero_percent));
@@ -217,17 +248,24 @@ impl SimGuest {
             cv: Condvar::new(),
             writes: AtomicU64::new(0),
         });
-        let threads = (0..config.vcpus)
-            .map(|i| {
-                let inner = Arc::clone(&inner);
-                let seed = config.seed ^ (0x5851_F42D_4C95_7F2D_u64.wrapping_mul(i as u64 + 1));
-                std::thread::Builder::new()
-                    .name(format!("sim-vcpu{i}"))
-                    .spawn(move || inner.writer(seed))
-                    .expect("spawning a vCPU thread")
-            })
-            .collect();
-        Ok(SimGuest { inner, threads })
+        let mut guest = SimGuest {
+            inner,
+            threads: Vec::with_capacity(config.vcpus),
+        };
+        for i in 0..config.vcpus {
+            let inner = Arc::clone(&guest.inner);
+            let seed = config.seed ^ (0x5851_F42D_4C95_7F2D_u64.wrapping_mul(i as u64 + 1));
+            let t = std::thread::Builder::new()
+                .name(format!("sim-vcpu{i}"))
+                .spawn(move || inner.writer(seed))
+                // Dropping `guest` stops and joins the threads started so far.
+                .map_err(|e| SimConfigError::SpawnVcpu {
+                    index: i,
+                    kind: e.kind(),
+                })?;
+            guest.threads.push(t);
+        }
+        Ok(guest)
     }
 
     /// Change the dirty rate (pages/s; 0 = idle, `u64::MAX` = unlimited).

@@ -39,6 +39,16 @@ fn bad_configs_are_typed_errors() {
     );
     assert_eq!(
         e(SimConfig {
+            vcpus: 100_000,
+            ..c.clone()
+        }),
+        SimConfigError::TooManyVcpus {
+            requested: 100_000,
+            max: SimGuest::MAX_VCPUS
+        }
+    );
+    assert_eq!(
+        e(SimConfig {
             blocks: vec![],
             ..c.clone()
         }),
