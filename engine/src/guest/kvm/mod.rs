@@ -18,7 +18,9 @@
 //!   migration stream;
 //! - the engine's guest traits ([`traits`]): one RAM block `pc.ram`;
 //! - what a KVM guest adds to a migration ([`migration`]): the vCPU state as a
-//!   device section, and the destination VM built from a [`Received`](crate::Received).
+//!   device section, and the destination's resume-and-report;
+//! - the destination's guest memory ([`incoming`]): [`KvmIncomingRam`], which the
+//!   stream is loaded into, and the VM built around it ([`KvmVm::from_loaded`]).
 //!
 //! ```no_run
 //! use precopy_engine::kvm::{KvmConfig, KvmVm};
@@ -30,6 +32,7 @@
 //! # Ok::<(), precopy_engine::kvm::KvmError>(())
 //! ```
 
+pub mod incoming;
 pub mod migration;
 pub mod program;
 pub mod ram;
@@ -43,6 +46,7 @@ use std::time::Duration;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 
+pub use incoming::KvmIncomingRam;
 pub use migration::{DeviceSection, GuestReport, SelfCheck, VCPU_SECTION};
 pub use program::{GuestStatus, KvmWorkload};
 pub use ram::{KvmRam, SyncTiming};
@@ -93,6 +97,16 @@ pub enum KvmError {
     /// vCPUs did not reach the requested state in time.
     #[error("timed out waiting for the vCPUs to {0}")]
     Timeout(&'static str),
+    /// An incoming stream's RAM blocks (their names, in MEM_SIZE order; none when no
+    /// MEM_SIZE came) are not a KVM guest's one block, [`RAM_BLOCK_NAME`].
+    #[error("RAM blocks {names:?} received; a KVM guest has one, {ram:?}", ram = RAM_BLOCK_NAME)]
+    IncomingBlocks {
+        /// The block names received.
+        names: Vec<String>,
+    },
+    /// An incoming stream has no [`VCPU_SECTION`] device section.
+    #[error("the stream has no {s:?} device section", s = VCPU_SECTION)]
+    NoVcpuSection,
 }
 
 /// Default guest RAM size (512 MiB).
@@ -212,6 +226,12 @@ impl KvmVm {
     }
 
     fn create(mem_size: u64, vcpus: usize, slot_size: u64) -> Result<Self, KvmError> {
+        let (kvm, vm, ram) = Self::create_vm(mem_size, slot_size)?;
+        Self::with_vcpus(kvm, vm, ram, vcpus)
+    }
+
+    /// A VM with RAM of `mem_size` bytes in slots of at most `slot_size`, and no vCPUs yet.
+    fn create_vm(mem_size: u64, slot_size: u64) -> Result<(Kvm, VmFd, KvmRam), KvmError> {
         let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(format!("open: {e}")))?;
         let vm = kvm
             .create_vm()
@@ -222,6 +242,12 @@ impl KvmVm {
                 source,
             })?;
         let ram = KvmRam::new(&vm, mem_size, slot_size)?;
+        Ok((kvm, vm, ram))
+    }
+
+    /// The VM of [`create_vm`](Self::create_vm) with `vcpus` vCPUs (threads started,
+    /// stopped).
+    fn with_vcpus(kvm: Kvm, vm: VmFd, ram: KvmRam, vcpus: usize) -> Result<Self, KvmError> {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| KvmError::Ioctl {
