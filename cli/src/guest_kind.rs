@@ -1,27 +1,36 @@
 //! The guest kinds of `--guest`: what differs between migrating (and receiving) the
 //! built-in simulated guest and a real KVM guest. `precopy migrate` and `precopy incoming`
-//! have one path each; they ask the guest kind to build the guest, to describe it, to check
-//! (or resume) what a destination received, and for its own JSON keys and summary lines.
+//! have one path each, generic over the guest kind; they ask it to build the guest, for the
+//! RAM a destination receives into (the guest's own memory for KVM, so RAM is held once),
+//! to describe it, to check (or resume) what a destination received, and for its own JSON
+//! keys and summary lines.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use precopy_engine::{Received, SharedGuest, SimConfig, SimGuest};
+use precopy_stream::{OwnedDeviceState, RamImage, RamTarget};
 use serde_json::{Map, Value};
 
-use crate::args::{GuestKind, MigrateArgs};
+use crate::args::{GuestKind, IncomingArgs, MigrateArgs};
 use crate::destination::same_ram;
 use crate::report::mib;
 
 /// The guest on the source side of `precopy migrate`.
 pub(crate) trait SourceGuest {
+    /// The RAM a destination in this process (or the check of a `--to file:` stream)
+    /// receives into.
+    type Ram: RamTarget + Send + 'static;
     /// The guest as the engine's `Migrator` takes it.
     fn shared(&self) -> SharedGuest;
+    /// A new, empty destination RAM of this guest's kind.
+    fn destination_ram(&self) -> Self::Ram;
     /// The line printed (stderr, not with `--json`) before migrating to `uri`.
     fn describe(&self, args: &MigrateArgs, uri: &str) -> String;
     /// Whether what a destination received from this guest (stopped at switchover) is
     /// right: the same RAM and, for a KVM guest, a VM built from it resumes and passes its
     /// self-check.
-    fn check(&mut self, r: &Received) -> bool;
+    fn check(&mut self, r: Received<Self::Ram>) -> bool;
     /// Guest-specific keys of the `--json` object (KVM: `"guest"`).
     fn add_json(&self, _o: &mut Map<String, Value>) {}
     /// Guest-specific lines after the summary.
@@ -30,12 +39,17 @@ pub(crate) trait SourceGuest {
 
 /// The guest on the destination side of `precopy incoming`.
 pub(crate) trait IncomingGuest {
+    /// The RAM the stream is loaded into: the guest's RAM (KVM: its memory, mapped when
+    /// MEM_SIZE arrives; the simulated guest: a `RamImage`).
+    type Ram: RamTarget;
     /// The line printed on stderr once listening on `uri` (scripts wait for "waiting on").
     fn waiting(&self, uri: &str) -> String;
-    /// Load a completed stream into a guest of this kind: `Ok(true)` when it is good,
-    /// `Ok(false)` when the guest says it is not (KVM: its self-check failed or it made no
-    /// progress), `Err` when no guest could be built from it.
-    fn load(&mut self, r: &Received) -> Result<bool, String>;
+    /// A new, empty RAM to receive into.
+    fn ram(&self) -> Self::Ram;
+    /// Make a guest of this kind from a completed stream's RAM and device sections:
+    /// `Ok(true)` when it is good, `Ok(false)` when the guest says it is not (KVM: its
+    /// self-check failed or it made no progress), `Err` when no guest could be built.
+    fn load(&mut self, ram: Self::Ram, device_states: &[OwnedDeviceState]) -> Result<bool, String>;
     /// Guest-specific keys of the `--json` object (KVM: `"guest"`).
     fn add_json(&self, _o: &mut Map<String, Value>) {}
     /// Guest-specific lines after the summary.
@@ -43,21 +57,20 @@ pub(crate) trait IncomingGuest {
 }
 
 impl GuestKind {
-    /// Build the guest to migrate from the options (a KVM guest is created and running).
-    /// Errors: the message to print after `precopy migrate: `.
-    pub(crate) fn source(self, args: &MigrateArgs) -> Result<Box<dyn SourceGuest>, String> {
+    /// `precopy migrate` with a guest of this kind, built from the options (a KVM guest is
+    /// created and running). Errors: the message to print after `precopy migrate: `.
+    pub(crate) fn migrate(self, args: &MigrateArgs) -> Result<ExitCode, String> {
         match self {
-            GuestKind::Sim => SimSource::new(args).map(|g| Box::new(g) as Box<dyn SourceGuest>),
-            GuestKind::Kvm => crate::kvm_guest::source(args),
+            GuestKind::Sim => crate::migrate::migrate_with(args, SimSource::new(args)?),
+            GuestKind::Kvm => crate::kvm_guest::migrate(args),
         }
     }
 
-    /// The guest kind that receives for `precopy incoming`. Errors: the message to print
-    /// after `precopy incoming: ` (KVM on a platform without it).
-    pub(crate) fn incoming(self) -> Result<Box<dyn IncomingGuest>, String> {
+    /// `precopy incoming` into a guest of this kind (KVM on a platform without it fails).
+    pub(crate) fn incoming(self, args: &IncomingArgs) -> ExitCode {
         match self {
-            GuestKind::Sim => Ok(Box::new(SimIncoming)),
-            GuestKind::Kvm => crate::kvm_guest::incoming(),
+            GuestKind::Sim => crate::incoming::receive(args, SimIncoming),
+            GuestKind::Kvm => crate::kvm_guest::incoming(args),
         }
     }
 }
@@ -85,8 +98,14 @@ impl SimSource {
 }
 
 impl SourceGuest for SimSource {
+    type Ram = RamImage;
+
     fn shared(&self) -> SharedGuest {
         self.guest.clone()
+    }
+
+    fn destination_ram(&self) -> RamImage {
+        RamImage::default()
     }
 
     fn describe(&self, args: &MigrateArgs, uri: &str) -> String {
@@ -99,20 +118,31 @@ impl SourceGuest for SimSource {
         )
     }
 
-    fn check(&mut self, r: &Received) -> bool {
-        same_ram(&*self.guest, r)
+    fn check(&mut self, r: Received) -> bool {
+        same_ram(&*self.guest, &r)
     }
 }
 
-/// The simulated guest's destination: the received RAM image is the guest.
+/// The simulated guest's destination: the received RAM image is the guest (it has no
+/// guest to resume).
 struct SimIncoming;
 
 impl IncomingGuest for SimIncoming {
+    type Ram = RamImage;
+
     fn waiting(&self, uri: &str) -> String {
         format!("precopy incoming: waiting on {uri}")
     }
 
-    fn load(&mut self, _r: &Received) -> Result<bool, String> {
+    fn ram(&self) -> RamImage {
+        RamImage::default()
+    }
+
+    fn load(
+        &mut self,
+        _ram: RamImage,
+        _device_states: &[OwnedDeviceState],
+    ) -> Result<bool, String> {
         Ok(true)
     }
 }

@@ -1,26 +1,29 @@
-//! `precopy incoming URI` (issues 5 and 6): receive one migration, check the RAM digest the
-//! source put in the VM description (unless `--verify off`), load it into a guest of the
-//! kind asked for (a KVM guest is built from it and resumed), and report.
+//! `precopy incoming URI` (issues 5 and 6): receive one migration straight into the RAM of
+//! a guest of the kind asked for, check the RAM digest the source put in the VM description
+//! (unless `--verify off`), make the guest from it (a KVM guest is built around its loaded
+//! memory and resumed), and report.
 
 use std::process::ExitCode;
 
 use precopy_engine::{Destination, IncomingListener, Received};
-use precopy_stream::Limits;
+use precopy_stream::{Limits, RamTarget};
 use serde_json::{Value, json};
 
 use crate::args::IncomingArgs;
+use crate::guest_kind::IncomingGuest;
 use crate::report::{ERROR_KEY, exit_code, kib};
 
 /// `precopy incoming URI`. Exit status 1 when nothing was received, the stream was bad or
 /// unverified, or the guest could not be loaded or failed its check.
 pub(crate) fn run(args: IncomingArgs) -> ExitCode {
-    let mut guest = match args.guest.incoming() {
-        Ok(g) => g,
-        Err(why) => return failed(&args, &why, 0),
-    };
+    args.guest.incoming(&args)
+}
+
+/// `precopy incoming` into `guest`: the one path of every guest kind.
+pub(crate) fn receive<G: IncomingGuest>(args: &IncomingArgs, mut guest: G) -> ExitCode {
     let l = match IncomingListener::bind(&args.uri) {
         Ok(l) => l,
-        Err(e) => return failed(&args, &e.to_string(), 0),
+        Err(e) => return failed(args, &e.to_string(), 0),
     };
     eprintln!("{}", guest.waiting(&l.local_uri()));
     let limits = Limits {
@@ -28,11 +31,16 @@ pub(crate) fn run(args: IncomingArgs) -> ExitCode {
         ..Limits::default()
     };
     let d = Destination::new().with_verify(args.verify.on());
-    let r = match d.accept_and_receive(l, limits) {
+    let r = match d.accept_and_receive_into(l, limits, guest.ram()) {
         Ok(r) => r,
-        Err(e) => return failed(&args, &e.to_string(), d.bytes_received()),
+        Err(e) => return failed(args, &e.to_string(), d.bytes_received()),
     };
-    let loaded = guest.load(&r);
+    // What is reported of the stream, before the guest takes its RAM.
+    let mut v = completed_json(&r);
+    if !args.json {
+        print_completed(&r);
+    }
+    let loaded = guest.load(r.image, &r.device_states);
     // true: digest checked and the guest is good; null: loaded, digest not checked.
     let verified = match &loaded {
         Ok(true) => r.verified.then_some(true),
@@ -40,8 +48,8 @@ pub(crate) fn run(args: IncomingArgs) -> ExitCode {
     };
     let error = loaded.err();
     if args.json {
-        let mut v = completed_json(&r, verified);
         if let Some(o) = v.as_object_mut() {
+            o.insert("verified".into(), json!(verified));
             guest.add_json(o);
             if let Some(e) = &error {
                 o.insert(ERROR_KEY.into(), json!(e));
@@ -49,7 +57,6 @@ pub(crate) fn run(args: IncomingArgs) -> ExitCode {
         }
         println!("{v}");
     } else {
-        print_completed(&r);
         if let Some(e) = &error {
             println!("error: {e}");
         }
@@ -60,7 +67,7 @@ pub(crate) fn run(args: IncomingArgs) -> ExitCode {
 
 /// Nothing usable was received: says why (stdout: the summary, or the JSON object with
 /// `error-desc` and the message on stderr too) and fails.
-fn failed(args: &IncomingArgs, why: &str, bytes: u64) -> ExitCode {
+pub(crate) fn failed(args: &IncomingArgs, why: &str, bytes: u64) -> ExitCode {
     if args.json {
         eprintln!("precopy incoming: {why}");
         println!(
@@ -74,8 +81,8 @@ fn failed(args: &IncomingArgs, why: &str, bytes: u64) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// The `--json` object of a received stream, before the guest kind adds its keys.
-fn completed_json(r: &Received, verified: Option<bool>) -> Value {
+/// The `--json` object of a received stream, before `verified` and the guest kind's keys.
+fn completed_json<T: RamTarget>(r: &Received<T>) -> Value {
     json!({
         "status": "completed",
         "total-time": r.total_time_ms,
@@ -85,12 +92,11 @@ fn completed_json(r: &Received, verified: Option<bool>) -> Value {
         "normal-pages": r.stats.page.count,
         "xbzrle-pages": r.stats.xbzrle.count,
         "digest": r.digest,
-        "verified": verified,
     })
 }
 
 /// The text summary of a received stream, before the guest kind's lines.
-fn print_completed(r: &Received) {
+fn print_completed<T: RamTarget>(r: &Received<T>) {
     println!("Migration status: completed");
     println!("total time: {} ms", r.total_time_ms);
     println!("received: {} kbytes", kib(r.bytes));

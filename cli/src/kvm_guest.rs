@@ -1,19 +1,22 @@
 //! `--guest kvm` (issue 6): a real KVM VM (precopy-engine's `kvm` feature, Linux x86_64)
-//! is migrated by the engine; the destination builds a new VM from the received RAM and
-//! the `precopy/vcpu` device section, resumes it, and reports the guest's progress counter
-//! at switchover and one second after resuming, and its self-check.
+//! is migrated by the engine; the destination loads the stream straight into the memory of
+//! a new VM (`KvmIncomingRam`), builds the VM around it with the `precopy/vcpu` device
+//! section (no copy of RAM), resumes it, and reports the guest's progress counter at
+//! switchover and one second after resuming, and its self-check.
 
-use crate::args::MigrateArgs;
-use crate::guest_kind::{IncomingGuest, SourceGuest};
+use std::process::ExitCode;
 
-/// The KVM guest to migrate, created from the options and running.
-pub(crate) fn source(args: &MigrateArgs) -> Result<Box<dyn SourceGuest>, String> {
-    imp::source(args)
+use crate::args::{IncomingArgs, MigrateArgs};
+
+/// `precopy migrate --guest kvm`: the KVM guest created from the options and running,
+/// migrated. Errors: why it could not start.
+pub(crate) fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
+    imp::migrate(args)
 }
 
-/// The KVM guest kind of `precopy incoming`.
-pub(crate) fn incoming() -> Result<Box<dyn IncomingGuest>, String> {
-    imp::incoming()
+/// `precopy incoming --guest kvm`.
+pub(crate) fn incoming(args: &IncomingArgs) -> ExitCode {
+    imp::incoming(args)
 }
 
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
@@ -22,12 +25,12 @@ mod imp {
 
     const UNSUPPORTED: &str = "--guest kvm needs Linux on x86_64";
 
-    pub(super) fn source(_args: &MigrateArgs) -> Result<Box<dyn SourceGuest>, String> {
+    pub(super) fn migrate(_args: &MigrateArgs) -> Result<ExitCode, String> {
         Err(UNSUPPORTED.into())
     }
 
-    pub(super) fn incoming() -> Result<Box<dyn IncomingGuest>, String> {
-        Err(UNSUPPORTED.into())
+    pub(super) fn incoming(args: &IncomingArgs) -> ExitCode {
+        crate::incoming::failed(args, UNSUPPORTED, 0)
     }
 }
 
@@ -36,19 +39,27 @@ mod imp {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use precopy_engine::kvm::{GuestReport, KvmConfig, KvmError, KvmVm, KvmWorkload, SelfCheck};
+    use precopy_engine::kvm::{
+        GuestReport, KvmConfig, KvmError, KvmIncomingRam, KvmVm, KvmWorkload, SelfCheck,
+    };
     use precopy_engine::{Received, SharedGuest};
+    use precopy_stream::OwnedDeviceState;
     use serde_json::{Map, Value};
 
     use super::*;
     use crate::destination::same_ram;
+    use crate::guest_kind::{IncomingGuest, SourceGuest};
 
     /// How long the destination lets the resumed guest run before reporting.
     const REPORT_AFTER: Duration = Duration::from_secs(1);
 
-    /// Builds the destination VM from a verified stream, resumes it and reports.
-    fn resume_received(r: &Received) -> Result<(KvmVm, GuestReport), KvmError> {
-        let vm = KvmVm::from_received(r)?;
+    /// Builds the destination VM around the memory a verified stream was loaded into and
+    /// its device sections, resumes it and reports.
+    fn resume_loaded(
+        ram: KvmIncomingRam,
+        device_states: &[OwnedDeviceState],
+    ) -> Result<(KvmVm, GuestReport), KvmError> {
+        let vm = KvmVm::from_loaded(ram, device_states)?;
         let report = vm.resume_and_report(REPORT_AFTER)?;
         Ok((vm, report))
     }
@@ -96,7 +107,7 @@ mod imp {
         }
     }
 
-    pub(super) fn source(args: &MigrateArgs) -> Result<Box<dyn SourceGuest>, String> {
+    pub(super) fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
         let config = KvmConfig {
             mem_size: args.mem,
             vcpus: args.vcpus,
@@ -117,15 +128,22 @@ mod imp {
         };
         let vm = KvmVm::new(&config).map_err(|e| format!("KVM guest: {e}"))?;
         vm.resume().map_err(|e| format!("KVM guest: {e}"))?;
-        Ok(Box::new(KvmSource {
+        let guest = KvmSource {
             vm: Arc::new(vm),
             report: None,
-        }))
+        };
+        crate::migrate::migrate_with(args, guest)
     }
 
     impl SourceGuest for KvmSource {
+        type Ram = KvmIncomingRam;
+
         fn shared(&self) -> SharedGuest {
             self.vm.clone()
+        }
+
+        fn destination_ram(&self) -> KvmIncomingRam {
+            KvmIncomingRam::new()
         }
 
         fn describe(&self, args: &MigrateArgs, uri: &str) -> String {
@@ -146,9 +164,9 @@ mod imp {
             )
         }
 
-        fn check(&mut self, r: &Received) -> bool {
-            let same = same_ram(&*self.vm, r);
-            match resume_received(r) {
+        fn check(&mut self, r: Received<KvmIncomingRam>) -> bool {
+            let same = same_ram(&*self.vm, &r);
+            match resume_loaded(r.image, &r.device_states) {
                 Ok((_dst, report)) => {
                     let ok = report_ok(&report);
                     self.report = Some(report);
@@ -187,19 +205,30 @@ mod imp {
         resumed: Option<(KvmVm, GuestReport)>,
     }
 
-    pub(super) fn incoming() -> Result<Box<dyn IncomingGuest>, String> {
-        Ok(Box::<KvmIncoming>::default())
+    pub(super) fn incoming(args: &IncomingArgs) -> ExitCode {
+        crate::incoming::receive(args, KvmIncoming::default())
     }
 
     impl IncomingGuest for KvmIncoming {
+        type Ram = KvmIncomingRam;
+
         fn waiting(&self, uri: &str) -> String {
             format!(
                 "precopy incoming: KVM guest, waiting on {uri} (RAM size and vCPUs come from the stream)"
             )
         }
 
-        fn load(&mut self, r: &Received) -> Result<bool, String> {
-            let (vm, report) = resume_received(r).map_err(|e| format!("KVM guest: {e}"))?;
+        fn ram(&self) -> KvmIncomingRam {
+            KvmIncomingRam::new()
+        }
+
+        fn load(
+            &mut self,
+            ram: KvmIncomingRam,
+            device_states: &[OwnedDeviceState],
+        ) -> Result<bool, String> {
+            let (vm, report) =
+                resume_loaded(ram, device_states).map_err(|e| format!("KVM guest: {e}"))?;
             let ok = report_ok(&report);
             self.resumed = Some((vm, report));
             Ok(ok)

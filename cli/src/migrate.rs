@@ -13,6 +13,7 @@ use precopy_engine::{MigrationStatus, MigrationUri, Migrator};
 
 use crate::args::{MigrateArgs, parameters_from};
 use crate::destination::Target;
+use crate::guest_kind::SourceGuest;
 use crate::progress::follow;
 use crate::report::{exit_code, failed_json, migrate_json, print_summary};
 
@@ -46,10 +47,17 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
     if let Some(Err(e)) = args.to.as_deref().map(str::parse::<MigrationUri>) {
         return Err(e.to_string());
     }
-    let mut guest = args.guest.source(args)?;
+    args.guest.migrate(args)
+}
+
+/// The migration of `guest`, built from `args`; `Err` is why it could not start.
+pub(crate) fn migrate_with<G: SourceGuest>(
+    args: &MigrateArgs,
+    mut guest: G,
+) -> Result<ExitCode, String> {
     let m = Migrator::new(guest.shared());
     configure(&m, args)?;
-    let target = Target::start(args.to.as_deref())?;
+    let target = Target::start(args.to.as_deref(), guest.destination_ram())?;
     if !args.json {
         eprintln!("{}", guest.describe(args, &target.uri));
     }
@@ -57,7 +65,7 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
     let info = follow(&m, args.mem, args.json);
     let completed = info.status == MigrationStatus::Completed;
     let verified = match target.received(completed) {
-        Some(Ok(r)) => Some(completed && guest.check(&r)),
+        Some(Ok(r)) => Some(completed && guest.check(r)),
         Some(Err(why)) => {
             eprintln!("{why}");
             Some(false)

@@ -6,18 +6,26 @@
 //! digest, fails the migration unless verification is turned off
 //! ([`Destination::with_verify`]), as for a QEMU stream, which carries no RAM digest.
 //!
-//! The RAM is held once, in the [`Received::image`]; it enters a guest only through
-//! [`Received::write_into`] (any [`GuestRamWrite`]: the KVM guest's `KvmVm::from_received`,
-//! a [`SimGuest`](crate::SimGuest)), page by page straight from the image.
+//! The RAM is held once: the stream's records are loaded straight into a
+//! [`RamTarget`], which the caller may supply ([`Destination::receive_into`]), the digest is
+//! computed over that target, and it comes back as [`Received::image`]. That is the one way
+//! received RAM enters a guest:
+//!
+//! - a KVM guest (feature `kvm`): the target is `kvm::KvmIncomingRam`, the guest memory
+//!   itself, mapped when MEM_SIZE arrives; `KvmVm::from_loaded` then builds the VM around
+//!   it, without copying a page;
+//! - the simulated destination ([`Destination::receive`]) keeps a [`RamImage`] as its RAM:
+//!   it has no guest to resume, so the image is the guest's RAM.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Instant;
 
-use precopy_stream::{Limits, LoadStats, OwnedDeviceState, RamImage};
+use precopy_stream::{
+    Limits, LoadStats, Loader, OwnedDeviceState, RamImage, RamTarget, StreamReader,
+};
 
-use crate::guest::GuestRamWrite;
 use crate::info::{MigrationStatus, StateChange};
 use crate::transport::{IncomingListener, TransportError};
 use crate::vmdesc::{digest_from_vm_description, image_digest};
@@ -52,11 +60,12 @@ pub enum IncomingError {
     },
 }
 
-/// A completed, verified incoming migration.
+/// A completed, verified incoming migration, with the [`RamTarget`] `T` it was loaded into
+/// (default a [`RamImage`]).
 #[derive(Debug)]
-pub struct Received {
-    /// The RAM, one buffer per block in MEM_SIZE order.
-    pub image: RamImage,
+pub struct Received<T = RamImage> {
+    /// The RAM, blocks in MEM_SIZE order: the target the records were loaded into.
+    pub image: T,
     /// Record counts and bytes per kind.
     pub stats: LoadStats,
     /// Our device sections (`precopy/...`), in stream order.
@@ -74,29 +83,6 @@ pub struct Received {
     pub bytes: u64,
     /// ms from the first byte to the verified end.
     pub total_time_ms: u64,
-}
-
-impl Received {
-    /// Put the received RAM into a guest: the one way received RAM enters any guest (the
-    /// KVM guest's `KvmVm::from_received` uses it; a [`SimGuest`](crate::SimGuest) takes
-    /// it too). Each page goes from the received image straight to
-    /// [`GuestRamWrite::write_page`], block by block in MEM_SIZE order; all-zero pages are
-    /// skipped while [`GuestRamWrite::is_zeroed`] holds.
-    ///
-    /// Errors: the first error of `guest`.
-    pub fn write_into<G: GuestRamWrite + ?Sized>(&self, guest: &mut G) -> Result<(), G::Error> {
-        let skip_zero = guest.is_zeroed();
-        for b in self.image.blocks() {
-            for (i, chunk) in b.data().chunks_exact(xbzrle::PAGE_SIZE).enumerate() {
-                let page: &xbzrle::Page = chunk.try_into().expect("page-sized chunk");
-                if skip_zero && page.iter().all(|&x| x == 0) {
-                    continue;
-                }
-                guest.write_page(b.name(), i as u64, page)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 struct State {
@@ -205,9 +191,20 @@ impl Destination {
         listener: IncomingListener,
         limits: Limits,
     ) -> Result<Received, IncomingError> {
+        self.accept_and_receive_into(listener, limits, RamImage::default())
+    }
+
+    /// Accept one source on `listener` and [`receive_into`](Destination::receive_into)
+    /// `target` from it.
+    pub fn accept_and_receive_into<T: RamTarget>(
+        &self,
+        listener: IncomingListener,
+        limits: Limits,
+        target: T,
+    ) -> Result<Received<T>, IncomingError> {
         self.set(MigrationStatus::Setup);
         match listener.accept() {
-            Ok(conn) => self.receive(conn, limits),
+            Ok(conn) => self.receive_into(conn, limits, target),
             Err(e) => {
                 self.fail(e.to_string());
                 Err(e.into())
@@ -221,12 +218,27 @@ impl Destination {
         set_status(&mut s, MigrationStatus::Failed);
     }
 
-    /// Read a whole stream from `reader`, build the RAM, verify the digest.
+    /// Read a whole stream from `reader` into a new [`RamImage`], verify the digest (the
+    /// simulated destination: the image is the guest's RAM).
     ///
-    /// Errors: [`IncomingError::Stream`] (with the byte offset),
-    /// [`IncomingError::MissingDigest`], [`IncomingError::DigestMismatch`]; the state is
-    /// then failed.
+    /// Errors: as [`receive_into`](Destination::receive_into).
     pub fn receive<R: Read>(&self, reader: R, limits: Limits) -> Result<Received, IncomingError> {
+        self.receive_into(reader, limits, RamImage::default())
+    }
+
+    /// Read a whole stream from `reader`, loading every RAM record straight into `target`
+    /// (which sets up its blocks when MEM_SIZE arrives, at most `limits.max_ram_bytes`),
+    /// verify the digest over `target`, and hand it back in [`Received::image`].
+    ///
+    /// Errors: [`IncomingError::Stream`] (with the byte offset; the target's own MEM_SIZE
+    /// errors as [`precopy_stream::Error::Target`]), [`IncomingError::MissingDigest`],
+    /// [`IncomingError::DigestMismatch`]; the state is then failed.
+    pub fn receive_into<R: Read, T: RamTarget>(
+        &self,
+        reader: R,
+        limits: Limits,
+        target: T,
+    ) -> Result<Received<T>, IncomingError> {
         self.set(MigrationStatus::Setup);
         self.bytes.store(0, Ordering::Relaxed);
         let start = Instant::now();
@@ -236,7 +248,7 @@ impl Destination {
             bytes: Arc::clone(&self.bytes),
             on_first: Some(Box::new(move || me.set(MigrationStatus::Active))),
         };
-        let r = self.load_and_verify(counting, limits, start);
+        let r = self.load_and_verify(counting, limits, target, start);
         match &r {
             Ok(_) => self.set(MigrationStatus::Completed),
             Err(e) => self.fail(e.to_string()),
@@ -244,16 +256,21 @@ impl Destination {
         r
     }
 
-    fn load_and_verify<R: Read>(
+    fn load_and_verify<R: Read, T: RamTarget>(
         &self,
         reader: R,
         limits: Limits,
+        target: T,
         start: Instant,
-    ) -> Result<Received, IncomingError> {
-        let loaded = precopy_stream::load(reader, limits).map_err(|e| IncomingError::Stream {
-            offset: e.offset(),
-            source: e,
-        })?;
+    ) -> Result<Received<T>, IncomingError> {
+        let mut loader = Loader::with_target(limits, target);
+        let loaded = loader
+            .load_from(&mut StreamReader::new(reader, limits))
+            .and_then(|()| loader.finish())
+            .map_err(|e| IncomingError::Stream {
+                offset: e.offset(),
+                source: e,
+            })?;
         let desc: Option<serde_json::Value> = loaded
             .vm_description
             .as_deref()

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | [`migrator`] | [`Migrator`], the control API (QMP's `migrate`, `query-migrate`, `migrate_cancel`, `migrate-set-parameters`, `migrate-set-capabilities`, blockers, state-change events) |
 //! | [`source`] | the migration thread: setup, iterate, complete; the per-page rules, the migration bitmap, the estimator and the 1 s period |
-//! | [`destination`] | [`Destination`]: reads a stream into RAM and verifies the source's RAM digest; [`Received::write_into`] is the one way into a guest |
+//! | [`destination`] | [`Destination`]: reads a stream straight into the RAM it will run from (a [`RamImage`](precopy_stream::RamImage), or a VMM's guest memory through [`RamTarget`](precopy_stream::RamTarget)) and verifies the source's RAM digest over it |
 //! | [`vmdesc`] | the RAM digest and the VM description, used by both sides |
 //! | [`transport`] | URIs ([`MigrationUri`]), the source's sinks ([`MigrationSink`], [`Outgoing`]) and the destination's [`IncomingListener`] |
 //! | [`guest`] | the VMM boundary: implement [`GuestRam`], [`DirtyLog`], [`VcpuControl`] and [`Throttle`] for your guest; [`SimGuest`] (a complete example), `guest::kvm` (feature `kvm`: a real KVM guest, also at `precopy_engine::kvm`), [`Hooked`] (a guest with a sync hook, for tests and benches) |
@@ -63,8 +63,8 @@ pub mod vmdesc;
 pub use destination::{Destination, IncomingError, Received};
 pub use guest::sim::{SimConfig, SimConfigError, SimGuest, SimWorkload, UnknownWorkload};
 pub use guest::{
-    DeviceStateEntry, DirtyLog, Guest, GuestError, GuestRam, GuestRamWrite, Hooked, RamBlockInfo,
-    SharedGuest, SyncHook, Throttle, VcpuControl, block_pages,
+    DeviceStateEntry, DirtyLog, Guest, GuestError, GuestRam, Hooked, RamBlockInfo, SharedGuest,
+    SyncHook, Throttle, VcpuControl, block_pages,
 };
 pub use info::{MigrationInfo, MigrationStatus, RamStats, StateChange, XbzrleCacheStats};
 pub use migrator::{BlockerId, MigrateError, Migrator};

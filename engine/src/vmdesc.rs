@@ -13,7 +13,7 @@
 //! The digest is BLAKE3 over, for each block in order, the u8 name length, the name, the
 //! be64 used length, then the block's bytes; lowercase hex. A QEMU stream carries none.
 
-use precopy_stream::RamImage;
+use precopy_stream::RamTarget;
 use xbzrle::{PAGE_SIZE, Page};
 
 use crate::guest::{Guest, GuestError, RamBlockInfo, block_pages};
@@ -48,11 +48,16 @@ pub fn ram_digest(guest: &dyn Guest, blocks: &[RamBlockInfo]) -> Result<String, 
 }
 
 /// The digest of a received RAM image, in the layout of [`ram_digest`].
-pub fn image_digest(image: &RamImage) -> String {
+pub fn image_digest<T: RamTarget + ?Sized>(image: &T) -> String {
     let mut h = blake3::Hasher::new();
-    for b in image.blocks() {
-        digest_block_header(&mut h, b.name(), b.len());
-        h.update_rayon(b.data());
+    for b in 0..image.block_count() {
+        let Some((name, len)) = image.block_info(b) else {
+            continue;
+        };
+        digest_block_header(&mut h, name, len);
+        for part in image.block_parts(b) {
+            h.update_rayon(part);
+        }
     }
     h.finalize().to_hex().to_string()
 }

@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use precopy_engine::kvm::{KvmConfig, KvmVm, KvmWorkload, SelfCheck, VCPU_SECTION, program};
+use precopy_engine::kvm::{
+    KvmConfig, KvmIncomingRam, KvmVm, KvmWorkload, SelfCheck, VCPU_SECTION, program,
+};
 use precopy_engine::{
     Capabilities, Destination, IncomingListener, MigrationInfo, MigrationStatus, Migrator,
     ParameterUpdate, Received, Throttle,
 };
-use precopy_stream::Limits;
+use precopy_stream::{Limits, RamTarget};
 
 fn guest(mem_mib: u64, vcpus: usize, dirty_rate: u64) -> Arc<KvmVm> {
     let vm = KvmVm::new(&KvmConfig {
@@ -60,12 +62,15 @@ fn migrator(vm: &Arc<KvmVm>, xbzrle: bool, auto_converge: bool, u: ParameterUpda
     m
 }
 
-/// Runs a migration to a destination on loopback TCP.
-fn migrate(m: &Migrator) -> (MigrationInfo, Option<Received>) {
+/// Runs a migration to a destination on loopback TCP that loads straight into KVM guest
+/// memory.
+fn migrate(m: &Migrator) -> (MigrationInfo, Option<Received<KvmIncomingRam>>) {
     let l = IncomingListener::bind("tcp:127.0.0.1:0").unwrap();
     let uri = l.local_uri();
     let dest = Destination::new();
-    let t = std::thread::spawn(move || dest.accept_and_receive(l, Limits::default()));
+    let t = std::thread::spawn(move || {
+        dest.accept_and_receive_into(l, Limits::default(), KvmIncomingRam::new())
+    });
     m.start(&uri).unwrap();
     let info = m.wait().unwrap();
     let r = t.join().unwrap();
@@ -119,9 +124,10 @@ fn kvm_guest_migrates_over_tcp_and_resumes() {
 
     // Switchover left the source stopped: its RAM is what was sent.
     assert!(src.vcpus().is_stopped());
-    let block = &r.image.blocks()[0];
+    assert_eq!(r.image.block_info(0), Some(("pc.ram", src.ram().size())));
+    let parts = r.image.block_parts(0);
     let mut page = [0u8; 4096];
-    for (p, d) in block.data().chunks_exact(4096).enumerate() {
+    for (p, d) in parts.iter().flat_map(|b| b.chunks_exact(4096)).enumerate() {
         src.ram().read(p as u64 * 4096, &mut page).unwrap();
         assert!(page[..] == d[..], "page {p} differs at switchover");
     }
@@ -129,7 +135,7 @@ fn kvm_guest_migrates_over_tcp_and_resumes() {
 
     // The vCPU state came as our device section.
     assert!(r.device_states.iter().any(|d| d.name == VCPU_SECTION));
-    let dst = KvmVm::from_received(&r).unwrap();
+    let dst = KvmVm::from_loaded(r.image, &r.device_states).unwrap();
     assert_eq!(dst.vcpu_count(), 2);
     assert_eq!(dst.progress().unwrap(), at_switchover);
 

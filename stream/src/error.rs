@@ -191,6 +191,15 @@ pub enum Error {
         /// Bytes asked for.
         bytes: u64,
     },
+    /// The [`RamTarget`](crate::RamTarget) refused the MEM_SIZE block list for a
+    /// reason of its own ([`TargetError::Other`](crate::TargetError::Other)).
+    #[error("the destination RAM refused MEM_SIZE at byte {offset}: {source}")]
+    Target {
+        /// Offset of the MEM_SIZE record.
+        offset: u64,
+        /// The target's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {
@@ -199,7 +208,8 @@ impl Error {
         match self {
             Error::Format { offset, .. }
             | Error::Io { offset, .. }
-            | Error::Alloc { offset, .. } => *offset,
+            | Error::Alloc { offset, .. }
+            | Error::Target { offset, .. } => *offset,
         }
     }
 

@@ -85,7 +85,7 @@ pub use decoder::{
 pub use encoder::Encoder;
 pub use error::{Error, FormatError, WriteError};
 pub use format::RamBlockInfo;
-pub use image::{RamBlock, RamImage};
+pub use image::{RamBlock, RamImage, RamTarget, TargetError};
 pub use io::{StreamReader, find_vm_description};
 pub use loader::{
     Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, StopReason, load,

@@ -1,5 +1,5 @@
-//! The destination side: [`Loader`] applies items onto a [`RamImage`];
-//! [`load`] reads a whole stream.
+//! The destination side: [`Loader`] applies items onto a [`RamTarget`] (by
+//! default a [`RamImage`]); [`load`] reads a whole stream.
 
 use std::io::Read;
 
@@ -7,7 +7,7 @@ use crate::decoder::{DeviceState, Item, Limits, RamRecord, SectionHeader, Sectio
 use crate::error::{Error, FormatError};
 use crate::format::PAGE_SIZE;
 use crate::format::RamBlockInfo;
-use crate::image::RamImage;
+use crate::image::{RamImage, RamTarget, TargetError};
 use crate::io::StreamReader;
 use xbzrle::Page;
 
@@ -152,18 +152,21 @@ pub enum Control {
     Stop,
 }
 
-/// The destination-side loader: applies decoded items onto its [`RamImage`].
+/// The destination-side loader: applies decoded items onto its RAM, a
+/// [`RamTarget`] `T` (default [`RamImage`]).
 ///
 /// ZERO fills the page, PAGE copies it, XBZRLE decodes onto the current page
-/// with [`xbzrle::decode`] (all-or-nothing). The RAM image is allocated when
-/// MEM_SIZE arrives, bounded by [`Limits::max_ram_bytes`]. Our device
+/// with [`xbzrle::decode`] (all-or-nothing), each straight into the page the
+/// target hands out, so the RAM is held once, wherever the target keeps it.
+/// The target sets up its blocks when MEM_SIZE arrives
+/// ([`RamTarget::set_blocks`]), bounded by [`Limits::max_ram_bytes`]. Our device
 /// sections and the VM description are kept; a foreign section stops
 /// loading. Compressed pages, RDMA hooks and commands are refused
 /// ([`FormatError::Unsupported`]). On any error the page concerned is untouched.
 #[derive(Debug, Default)]
-pub struct Loader {
+pub struct Loader<T = RamImage> {
     limits: Limits,
-    image: RamImage,
+    image: T,
     stats: LoadStats,
     device_states: Vec<OwnedDeviceState>,
     vm_description: Option<Vec<u8>>,
@@ -172,11 +175,11 @@ pub struct Loader {
     stop: Option<StopReason>,
 }
 
-/// The result of [`load`].
+/// The result of [`load`] (and of [`Loader::finish`], for any target `T`).
 #[derive(Clone, Debug)]
-pub struct Loaded {
+pub struct Loaded<T = RamImage> {
     /// The reconstructed RAM.
-    pub image: RamImage,
+    pub image: T,
     /// Counts and bytes per record kind.
     pub stats: LoadStats,
     /// Where and why reading stopped.
@@ -203,10 +206,7 @@ fn unsupported(offset: u64, what: &'static str) -> Error {
 impl Loader {
     /// A loader with no RAM yet, allocating at most `limits.max_ram_bytes`.
     pub fn new(limits: Limits) -> Self {
-        Loader {
-            limits,
-            ..Loader::default()
-        }
+        Loader::with_target(limits, RamImage::default())
     }
 
     /// A loader that loads onto an existing RAM image, as QEMU's destination
@@ -215,20 +215,35 @@ impl Loader {
     /// [`FormatError::BadMemSize`]. Pages the stream does not send keep their
     /// contents. An empty image behaves as [`new`](Self::new).
     pub fn with_image(limits: Limits, image: RamImage) -> Self {
-        Loader {
-            limits,
-            image,
-            ..Loader::default()
-        }
+        Loader::with_target(limits, image)
     }
 
     /// Takes the RAM image out (leaving an empty one), e.g. to reuse it.
     pub fn take_image(&mut self) -> RamImage {
         std::mem::take(&mut self.image)
     }
+}
 
-    /// The RAM image so far.
-    pub fn image(&self) -> &RamImage {
+impl<T: RamTarget> Loader<T> {
+    /// A loader that loads onto `target`: on MEM_SIZE the target sets up its
+    /// blocks or checks them ([`RamTarget::set_blocks`], at most
+    /// `limits.max_ram_bytes`), then every page record is applied in place,
+    /// in the page [`RamTarget::page_mut`] returns.
+    pub fn with_target(limits: Limits, target: T) -> Self {
+        Loader {
+            limits,
+            image: target,
+            stats: LoadStats::default(),
+            device_states: Vec::new(),
+            vm_description: None,
+            machine_type: None,
+            file_version: None,
+            stop: None,
+        }
+    }
+
+    /// The RAM so far (the target).
+    pub fn image(&self) -> &T {
         &self.image
     }
 
@@ -336,30 +351,16 @@ impl Loader {
         Ok(())
     }
 
-    /// MEM_SIZE: allocates the RAM image, or checks that an existing one
-    /// has exactly the listed blocks.
+    /// MEM_SIZE: the target sets up its blocks, or checks that it has
+    /// exactly the listed blocks.
     fn apply_mem_size(&mut self, offset: u64, blocks: &[RamBlockInfo]) -> Result<(), Error> {
-        if self.image.blocks().is_empty() {
-            self.image = RamImage::new(blocks, self.limits.max_ram_bytes)
-                .map_err(|bytes| Error::Alloc { offset, bytes })?;
-            return Ok(());
-        }
-        let same = self.image.blocks().len() == blocks.len()
-            && self
-                .image
-                .blocks()
-                .iter()
-                .zip(blocks)
-                .all(|(have, want)| have.name() == want.name && have.len() == want.used_length);
-        if !same {
-            return Err(fmt_err(
-                offset,
-                FormatError::BadMemSize {
-                    why: "block list does not match the destination's RAM blocks",
-                },
-            ));
-        }
-        Ok(())
+        self.image
+            .set_blocks(blocks, self.limits.max_ram_bytes)
+            .map_err(|e| match e {
+                TargetError::Alloc { bytes } => Error::Alloc { offset, bytes },
+                TargetError::Mismatch { why } => fmt_err(offset, FormatError::BadMemSize { why }),
+                TargetError::Other(source) => Error::Target { offset, source },
+            })
     }
 
     /// ZERO, PAGE or XBZRLE onto its page, counted by kind (other records
@@ -417,9 +418,8 @@ impl Loader {
         let Some(p) = self.image.page_mut(block, page) else {
             let (name, length) = self
                 .image
-                .blocks()
-                .get(block)
-                .map(|b| (b.name().to_owned(), b.len()))
+                .block_info(block)
+                .map(|(name, len)| (name.to_owned(), len))
                 .unwrap_or_else(|| (format!("#{block}"), 0));
             return Err(fmt_err(
                 offset,
@@ -461,7 +461,7 @@ impl Loader {
     ///
     /// # Errors
     /// [`FormatError::Truncated`] when loading never reached EOF or a foreign section.
-    pub fn finish(self) -> Result<Loaded, Error> {
+    pub fn finish(self) -> Result<Loaded<T>, Error> {
         let stop = self.stop.ok_or_else(|| {
             fmt_err(
                 self.stats.bytes,

@@ -9,7 +9,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | this file | the traits, [`GuestError`], [`GuestRamWrite`] (the destination's way in) |
+//! | this file | the traits, [`GuestError`] |
 //! | [`sim`] | [`SimGuest`](sim::SimGuest): RAM in atomics, seeded writer threads |
 //! | `kvm` | `KvmVm`: a real KVM VM (feature `kvm`, Linux x86_64) |
 //! | `hooked` | [`Hooked`]: a guest wrapper with a sync hook |
@@ -175,25 +175,3 @@ impl<T: GuestRam + DirtyLog + VcpuControl + Throttle + ?Sized> Guest for T {}
 
 /// A shared guest handle, as the engine holds it.
 pub type SharedGuest = Arc<dyn Guest>;
-
-/// Where the destination puts incoming RAM: the one way received RAM enters a guest
-/// (`Received::write_into` calls it; the KVM guest's `KvmVm::from_received` goes through
-/// it, and [`SimGuest`](sim::SimGuest) implements it).
-///
-/// Contract: [`write_page`](GuestRamWrite::write_page) receives each page's final content
-/// once the stream completed and verified, straight from the received image (no copy in
-/// between); blocks are those of the source's MEM_SIZE record, matched by name (an
-/// implementation returns an error for an unknown block). Pages that are all zero are
-/// skipped when [`is_zeroed`](GuestRamWrite::is_zeroed) says the guest RAM is still all
-/// zero (a freshly created guest), so they cost nothing.
-pub trait GuestRamWrite {
-    /// What a failed write reports.
-    type Error;
-    /// Store one page of block `name` at page index `page`.
-    fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), Self::Error>;
-    /// True while every byte of the guest's RAM is zero (default false: every page is
-    /// written).
-    fn is_zeroed(&self) -> bool {
-        false
-    }
-}

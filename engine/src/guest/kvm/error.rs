@@ -191,19 +191,13 @@ pub enum ConfigError {
         /// The device section expected ([`super::VCPU_SECTION`]).
         section: &'static str,
     },
-    /// A received migration has other than one RAM block.
-    #[error("{got} RAM blocks received; a KVM guest has one, {expected:?}")]
-    RamBlockCount {
-        /// RAM blocks received.
-        got: usize,
-        /// The KVM guest's block ([`super::RAM_BLOCK_NAME`]).
-        expected: &'static str,
-    },
-    /// A RAM block that is not the KVM guest's.
-    #[error("RAM block {name:?} received; a KVM guest has {expected:?}")]
-    WrongRamBlock {
-        /// The block received.
-        name: String,
+    /// An incoming stream's RAM blocks (their names, in MEM_SIZE order; none
+    /// when no MEM_SIZE came) are not a KVM guest's one block,
+    /// [`super::RAM_BLOCK_NAME`].
+    #[error("RAM blocks {names:?} received; a KVM guest has one, {expected:?}")]
+    IncomingBlocks {
+        /// The block names received.
+        names: Vec<String>,
         /// The KVM guest's block ([`super::RAM_BLOCK_NAME`]).
         expected: &'static str,
     },

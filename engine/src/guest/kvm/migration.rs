@@ -1,16 +1,13 @@
 //! What a KVM guest adds to a migration: the vCPU state as our own device
-//! section after RAM, and on the destination a VM built from the received
-//! RAM and vCPU state, resumed and checked.
+//! section after RAM, and on the destination the VM built from the received
+//! RAM and vCPU state ([`KvmVm::from_loaded`](super::KvmVm::from_loaded)),
+//! resumed and checked.
 
 use std::time::Duration;
 
 use serde::Serialize;
 
-use xbzrle::{PAGE_SIZE, Page};
-
-use super::{ConfigError, KvmError, KvmVm, RAM_BLOCK_NAME, state};
-use crate::destination::Received;
-use crate::guest::GuestRamWrite;
+use super::{KvmError, KvmVm, state};
 
 /// Id string of the device section carrying the vCPU state.
 pub const VCPU_SECTION: &str = "precopy/vcpu";
@@ -73,42 +70,6 @@ impl KvmVm {
         })
     }
 
-    /// Destination: builds a stopped VM from a verified incoming migration: RAM of the
-    /// size of its one RAM block, [`RAM_BLOCK_NAME`], filled through
-    /// [`Received::write_into`] (each non-zero page copied once, from the received image
-    /// into guest memory), and vCPUs from its [`VCPU_SECTION`] device section.
-    ///
-    /// Errors: [`KvmError::Config`] for unexpected blocks or a missing vCPU section, a bad
-    /// vCPU section ([`KvmError::State`]), and KVM's errors.
-    pub fn from_received(received: &Received) -> Result<Self, KvmError> {
-        let vcpu_section = &received
-            .device_states
-            .iter()
-            .find(|d| d.name == VCPU_SECTION)
-            .ok_or(KvmError::Config(ConfigError::MissingVcpuSection {
-                section: VCPU_SECTION,
-            }))?
-            .payload;
-        let blocks = received.image.blocks();
-        let [block] = blocks else {
-            return Err(KvmError::Config(ConfigError::RamBlockCount {
-                got: blocks.len(),
-                expected: RAM_BLOCK_NAME,
-            }));
-        };
-        if block.name() != RAM_BLOCK_NAME {
-            return Err(KvmError::Config(ConfigError::WrongRamBlock {
-                name: block.name().to_owned(),
-                expected: RAM_BLOCK_NAME,
-            }));
-        }
-        let states = state::decode(vcpu_section)?;
-        let vm = KvmVm::new_incoming(block.len(), states.len())?;
-        received.write_into(&mut IncomingRam(&vm))?;
-        vm.restore_state(vcpu_section)?;
-        Ok(vm)
-    }
-
     /// Destination: reads the progress counters, resumes the guest, waits
     /// `wait` (1 s for the CLI), reads them again, then stops the guest
     /// briefly for the host-side check of its invariants and resumes it.
@@ -131,26 +92,5 @@ impl KvmVm {
             },
             failure,
         })
-    }
-}
-
-/// The RAM of a VM just created by [`KvmVm::from_received`]: still all zero, one block.
-struct IncomingRam<'a>(&'a KvmVm);
-
-impl GuestRamWrite for IncomingRam<'_> {
-    type Error = KvmError;
-
-    fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), KvmError> {
-        if name != RAM_BLOCK_NAME {
-            return Err(KvmError::Config(ConfigError::WrongRamBlock {
-                name: name.to_owned(),
-                expected: RAM_BLOCK_NAME,
-            }));
-        }
-        self.0.ram().write(page * PAGE_SIZE as u64, data)
-    }
-
-    fn is_zeroed(&self) -> bool {
-        true
     }
 }

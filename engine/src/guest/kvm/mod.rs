@@ -18,7 +18,9 @@
 //!   migration stream;
 //! - the engine's guest traits ([`traits`]): one RAM block `pc.ram`;
 //! - what a KVM guest adds to a migration ([`migration`]): the vCPU state as a
-//!   device section, and the destination VM built from a [`Received`](crate::Received).
+//!   device section, and the destination's resume-and-report;
+//! - the destination's guest memory ([`incoming`]): [`KvmIncomingRam`], which the
+//!   stream is loaded into, and the VM built around it ([`KvmVm::from_loaded`]).
 //!
 //! ```no_run
 //! use precopy_engine::kvm::{KvmConfig, KvmVm};
@@ -31,6 +33,7 @@
 //! ```
 
 mod error;
+pub mod incoming;
 pub mod migration;
 pub mod program;
 pub mod ram;
@@ -45,6 +48,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 
 pub use error::{ConfigError, KvmError, MemoryError, Unavailable, VcpuError};
+pub use incoming::KvmIncomingRam;
 pub use migration::{DeviceSection, GuestReport, SelfCheck, VCPU_SECTION};
 pub use program::{GuestStatus, KvmWorkload};
 pub use ram::{KvmRam, SyncTiming};
@@ -170,6 +174,12 @@ impl KvmVm {
     }
 
     fn create(mem_size: u64, vcpus: usize, slot_size: u64) -> Result<Self, KvmError> {
+        let (kvm, vm, ram) = Self::create_vm(mem_size, slot_size)?;
+        Self::with_vcpus(kvm, vm, ram, vcpus)
+    }
+
+    /// A VM with RAM of `mem_size` bytes in slots of at most `slot_size`, and no vCPUs yet.
+    fn create_vm(mem_size: u64, slot_size: u64) -> Result<(Kvm, VmFd, KvmRam), KvmError> {
         let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(Unavailable::Open(e)))?;
         let vm = kvm
             .create_vm()
@@ -180,6 +190,12 @@ impl KvmVm {
                 source,
             })?;
         let ram = KvmRam::new(&vm, mem_size, slot_size)?;
+        Ok((kvm, vm, ram))
+    }
+
+    /// The VM of [`create_vm`](Self::create_vm) with `vcpus` vCPUs (threads started,
+    /// stopped).
+    fn with_vcpus(kvm: Kvm, vm: VmFd, ram: KvmRam, vcpus: usize) -> Result<Self, KvmError> {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| KvmError::Ioctl {

@@ -217,6 +217,18 @@ impl KvmRam {
         &self.mem
     }
 
+    /// Host address and length of each slot's mapping, in guest-physical order (the
+    /// RAM is their concatenation).
+    pub(super) fn host_parts(&self) -> Vec<(*mut u8, usize)> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let host = self.mem.get_host_address(GuestAddress(s.gpa)).ok()?;
+                Some((host, s.size as usize))
+            })
+            .collect()
+    }
+
     /// Copies `buf.len()` bytes at guest-physical `offset` into `buf`
     /// (volatile copy; the guest may be running).
     ///

@@ -20,7 +20,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use xbzrle::{PAGE_SIZE, Page};
 
-use super::{DirtyLog, GuestError, GuestRam, GuestRamWrite, RamBlockInfo, Throttle, VcpuControl};
+use super::{DirtyLog, GuestError, GuestRam, RamBlockInfo, Throttle, VcpuControl};
 use vcpu::{Block, Inner, RunState, WORDS_PER_PAGE};
 
 mod vcpu;
@@ -433,23 +433,6 @@ impl VcpuControl for SimGuest {
 
     fn is_running(&self) -> bool {
         !self.inner.stop_req.load(Ordering::Acquire)
-    }
-}
-
-/// Destination side: received pages land in the block of that name (marked dirty, as any
-/// write). Errors: [`GuestError::Other`] for a block this guest does not have.
-impl GuestRamWrite for SimGuest {
-    type Error = GuestError;
-
-    fn write_page(&mut self, name: &str, page: u64, data: &Page) -> Result<(), GuestError> {
-        let block = self
-            .inner
-            .blocks
-            .iter()
-            .position(|b| b.name == name)
-            .ok_or_else(|| format!("RAM block {name:?} is not one of this guest's").into())
-            .map_err(GuestError::Other)?;
-        SimGuest::write_page(self, block, page, data)
     }
 }
 
