@@ -35,11 +35,9 @@ pub(crate) fn receive<G: IncomingGuest>(args: &IncomingArgs, mut guest: G) -> Ex
         Ok(r) => r,
         Err(e) => return failed(args, &e.to_string(), d.bytes_received()),
     };
-    // What is reported of the stream, before the guest takes its RAM.
+    // What is reported of the stream, taken before the guest takes its RAM.
     let mut v = completed_json(&r);
-    if !args.json {
-        print_completed(&r);
-    }
+    let lines = summary_lines(&r);
     let loaded = guest.load(r.image, &r.device_states);
     // true: digest checked and the guest is good; null: loaded, digest not checked.
     let verified = match &loaded {
@@ -47,16 +45,37 @@ pub(crate) fn receive<G: IncomingGuest>(args: &IncomingArgs, mut guest: G) -> Ex
         Ok(false) | Err(_) => Some(false),
     };
     let error = loaded.err();
+    // A guest that could not be built from the stream is a failed migration,
+    // whatever the stream itself was.
+    let status = if error.is_some() {
+        "failed"
+    } else {
+        "completed"
+    };
     if args.json {
         if let Some(o) = v.as_object_mut() {
+            o.insert("status".into(), json!(status));
             o.insert("verified".into(), json!(verified));
             guest.add_json(o);
             if let Some(e) = &error {
+                eprintln!("precopy incoming: {e}");
                 o.insert(ERROR_KEY.into(), json!(e));
             }
         }
         println!("{v}");
     } else {
+        println!("Migration status: {status}");
+        for l in &lines {
+            println!("{l}");
+        }
+        match (&error, r.verified) {
+            (Some(e), _) => println!("verified: NO (the guest could not be built: {e})"),
+            (None, true) => println!("verified: yes (RAM digest blake3 {})", r.digest),
+            (None, false) => println!(
+                "verified: not checked (--verify off; RAM digest blake3 {})",
+                r.digest
+            ),
+        }
         if let Some(e) = &error {
             println!("error: {e}");
         }
@@ -95,22 +114,16 @@ fn completed_json<T: RamTarget>(r: &Received<T>) -> Value {
     })
 }
 
-/// The text summary of a received stream, before the guest kind's lines.
-fn print_completed<T: RamTarget>(r: &Received<T>) {
-    println!("Migration status: completed");
-    println!("total time: {} ms", r.total_time_ms);
-    println!("received: {} kbytes", kib(r.bytes));
-    println!("total ram: {} kbytes", kib(r.image.total_bytes()));
-    println!(
-        "pages: {} zero, {} normal, {} xbzrle",
-        r.stats.zero.count, r.stats.page.count, r.stats.xbzrle.count
-    );
-    if r.verified {
-        println!("verified: yes (RAM digest blake3 {})", r.digest);
-    } else {
-        println!(
-            "verified: not checked (--verify off; RAM digest blake3 {})",
-            r.digest
-        );
-    }
+/// The text summary of a received stream: the lines between the status and
+/// the verification line.
+fn summary_lines<T: RamTarget>(r: &Received<T>) -> Vec<String> {
+    vec![
+        format!("total time: {} ms", r.total_time_ms),
+        format!("received: {} kbytes", kib(r.bytes)),
+        format!("total ram: {} kbytes", kib(r.image.total_bytes())),
+        format!(
+            "pages: {} zero, {} normal, {} xbzrle",
+            r.stats.zero.count, r.stats.page.count, r.stats.xbzrle.count
+        ),
+    ]
 }

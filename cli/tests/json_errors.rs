@@ -138,12 +138,20 @@ fn kvm_incoming_of_a_stream_without_vcpu_state_uses_error_desc() {
     // A simulated guest's stream: good RAM, but no precopy/vcpu section to resume from.
     let (file, _) = migrate_to_file("sim", "json-errors-sim-stream.bin");
     let v = failed_with_error_desc(&["incoming", "--guest", "kvm", &file, "--json"]);
-    assert_eq!(v["status"], "completed", "{v}");
+    // The stream was read, but no guest could be built from it: a failed migration.
+    assert_eq!(v["status"], "failed", "{v}");
     assert_eq!(v["verified"], false, "{v}");
     assert!(
         v["error-desc"].as_str().unwrap().contains("precopy/vcpu"),
         "{v}"
     );
+    // The text report says the same: failed, and not "verified: yes".
+    let o = precopy(&["incoming", "--guest", "kvm", &file]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Migration status: failed"), "{out}");
+    assert!(!out.contains("verified: yes"), "{out}");
+    assert!(out.contains("precopy/vcpu"), "{out}");
 }
 
 #[test]
