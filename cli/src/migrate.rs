@@ -15,7 +15,7 @@ use crate::args::{MigrateArgs, parameters_from};
 use crate::destination::Target;
 use crate::guest_kind::SourceGuest;
 use crate::progress::follow;
-use crate::report::{exit_code, failed_json, migrate_json, print_summary};
+use crate::report::{ERROR_KEY, exit_code, failed_json, migrate_json, print_summary};
 
 /// `precopy migrate`. Exit status 1 when the migration failed (or could not start) or
 /// verification was false.
@@ -64,10 +64,13 @@ pub(crate) fn migrate_with<G: SourceGuest>(
     m.start(&target.uri).map_err(|e| e.to_string())?;
     let info = follow(&m, args.mem, args.json);
     let completed = info.status == MigrationStatus::Completed;
+    // Why the destination's RAM could not be had to compare (not a RAM difference).
+    let mut verify_error = None;
     let verified = match target.received(completed) {
         Some(Ok(r)) => Some(completed && guest.check(r)),
         Some(Err(why)) => {
-            eprintln!("{why}");
+            eprintln!("precopy migrate: {why}");
+            verify_error = Some(why);
             Some(false)
         }
         // An external destination verifies; a failed migration has nothing to verify.
@@ -77,10 +80,19 @@ pub(crate) fn migrate_with<G: SourceGuest>(
         let mut v = migrate_json(&info, verified);
         if let Some(o) = v.as_object_mut() {
             guest.add_json(o);
+            if let Some(why) = &verify_error {
+                o.entry(ERROR_KEY).or_insert_with(|| why.as_str().into());
+            }
         }
         println!("{v}");
     } else {
-        print_summary(&info, &m.parameters(), &m.capabilities(), verified);
+        print_summary(
+            &info,
+            &m.parameters(),
+            &m.capabilities(),
+            verified,
+            verify_error.as_deref(),
+        );
         guest.print_details();
     }
     Ok(exit_code(completed && verified != Some(false)))

@@ -25,6 +25,7 @@ pub(crate) fn print_summary(
     params: &MigrationParameters,
     caps: &Capabilities,
     verified: Option<bool>,
+    verify_error: Option<&str>,
 ) {
     let onoff = |b: bool| if b { "on" } else { "off" };
     println!(
@@ -82,6 +83,10 @@ pub(crate) fn print_summary(
         return;
     }
     match verified {
+        _ if verify_error.is_some() => println!(
+            "verified: NO (the destination's RAM could not be read back: {})",
+            verify_error.unwrap_or_default()
+        ),
         Some(true) => println!("verified: yes (destination RAM equals source RAM)"),
         Some(false) => println!("verified: NO (destination RAM differs from source RAM)"),
         None => println!("verified: by the destination (see `precopy incoming`)"),
