@@ -57,7 +57,7 @@ use precopy_stream::StreamWriter;
 use xbzrle::PAGE_SIZE;
 
 use crate::guest::{Guest, RamBlockInfo, SharedGuest};
-use crate::info::MigrationStatus;
+use crate::info::{MigrationInfo, MigrationStatus};
 use crate::params::{Capabilities, MigrationParameters};
 use crate::policy::{self, AutoConverge};
 use crate::transport::MigrationSink;
@@ -181,10 +181,28 @@ pub(crate) fn run(
     let mut info = src.info(final_status);
     info.downtime = downtime;
     info.error_desc = error;
+    if final_status == MigrationStatus::Completed {
+        completed_mbps(&mut info);
+    }
     let mut ctl = shared.lock();
     ctl.publish(info);
     ctl.abort = None;
     shared.set_status(&mut ctl, final_status);
+}
+
+/// As QEMU at completion: `mbps` becomes the mean over the whole transfer,
+/// every byte sent over the time after setup (Mbit/s, 10^6 bits), so a
+/// migration shorter than one estimate period does not report 0.
+fn completed_mbps(info: &mut MigrationInfo) {
+    let transfer_ms = info
+        .total_time
+        .unwrap_or(0)
+        .saturating_sub(info.setup_time.unwrap_or(0));
+    if let Some(ram) = info.ram.as_mut()
+        && transfer_ms > 0
+    {
+        ram.mbps = ram.transferred as f64 * 8.0 / transfer_ms as f64 / 1000.0;
+    }
 }
 
 impl Source<'_> {
