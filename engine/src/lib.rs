@@ -15,7 +15,9 @@
 //! | [`policy`] | the estimator, the switchover predicate and auto-converge as pure functions |
 //! | [`params`], [`info`] | QEMU's parameter and `query-migrate` names |
 //!
-//! Every public type is re-exported here, at the crate root: that is the stable path.
+//! The types a VMM uses are re-exported here, at the crate root: that is the stable path.
+//! Module-level items (`transport::{AbortHandle, Incoming}`, `source::MACHINE_TYPE`,
+//! `vmdesc::*`, `guest::kvm::*`) are reached through their module.
 //!
 //! ```
 //! use std::sync::Arc;

@@ -18,7 +18,7 @@ Writes into DIR (uncompressed; make-vectors.sh compresses the big ones):
   expected.json             counts, per-block SHA-256, statistics (the parts
                             the given inputs allow)
 
-Written from the stream layout in the project's DESIGN.md and the vectors
+Written from the stream layout documented in precopy-stream (stream/src/format.rs) and the vectors
 README (container, section types, 'ram' record flags, XBZRLE runs), not from
 QEMU's source. Standard library only. Only what QEMU 7.2 wrote in our runs is
 accepted (no configuration subsections, no COMMAND or compressed records):
