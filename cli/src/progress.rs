@@ -29,26 +29,31 @@ pub(crate) fn follow(m: &Migrator, total: u64, quiet: bool) -> MigrationInfo {
     loop {
         let st = m.wait_for_status(MigrationStatus::Completed, Duration::from_millis(200));
         let info = m.query();
-        if let Some(ram) = &info.ram {
-            bar.set_position(ram.total.saturating_sub(ram.remaining));
-            let msg = format!(
-                "{} | pass {} | sent {} | remaining {} | {:.3} mbps | dirty {} pages/s | throttle {}%",
-                st,
-                ram.dirty_sync_count,
-                HumanBytes(ram.transferred),
-                HumanBytes(ram.remaining),
-                ram.mbps,
-                ram.dirty_pages_rate,
-                info.cpu_throttle_percentage.unwrap_or(0)
-            );
-            if lines && started.elapsed() >= next_line && !st.is_finished() {
-                next_line += Duration::from_secs(1);
-                eprintln!("[{:>4}s] {msg}", started.elapsed().as_secs());
+        let msg = match &info.ram {
+            Some(ram) => {
+                bar.set_position(ram.total.saturating_sub(ram.remaining));
+                format!(
+                    "{} | pass {} | sent {} | remaining {} | {:.3} mbps | dirty {} pages/s | throttle {}%",
+                    st,
+                    ram.dirty_sync_count,
+                    HumanBytes(ram.transferred),
+                    HumanBytes(ram.remaining),
+                    ram.mbps,
+                    ram.dirty_pages_rate,
+                    info.cpu_throttle_percentage.unwrap_or(0)
+                )
             }
-            bar.set_message(msg);
-        } else {
-            bar.set_message(st.to_string());
+            // No RAM statistics yet: setup, or a destination that has not read
+            // the first bytes. Still say so every second.
+            None => {
+                format!("{st} | no RAM statistics yet (the destination has not read the setup)")
+            }
+        };
+        if lines && started.elapsed() >= next_line && !st.is_finished() {
+            next_line += Duration::from_secs(1);
+            eprintln!("[{:>4}s] {msg}", started.elapsed().as_secs());
         }
+        bar.set_message(msg);
         bar.tick();
         if st.is_finished() {
             break;
