@@ -64,15 +64,22 @@ pub(crate) fn migrate_with<G: SourceGuest>(
     m.start(&target.uri).map_err(|e| e.to_string())?;
     let info = follow(&m, args.mem, args.json);
     let completed = info.status == MigrationStatus::Completed;
+    // --json keeps stdout to one object: say why on stderr too (text mode has it in the
+    // summary), as `incoming --json` does.
+    if let (true, Some(e)) = (args.json, &info.error_desc) {
+        eprintln!("precopy migrate: {e}");
+    }
     // Why the destination's RAM could not be had to compare (not a RAM difference).
     let mut verify_error = None;
     let verified = match target.received(completed) {
         Some(Ok(r)) => Some(completed && guest.check(r)),
-        Some(Err(why)) => {
+        Some(Err(why)) if completed => {
             eprintln!("precopy migrate: {why}");
             verify_error = Some(why);
             Some(false)
         }
+        // The destination's error of a failed migration is a consequence, not news.
+        Some(Err(_)) => Some(false),
         // An external destination verifies; a failed migration has nothing to verify.
         None => (!completed).then_some(false),
     };

@@ -24,11 +24,11 @@ pub(super) enum SourceError {
     /// The pass limit ([`Migrator::set_pass_limit`](crate::Migrator::set_pass_limit)).
     #[error("did not converge within {0} dirty-bitmap syncs")]
     NotConverged(u64),
-    /// The XBZRLE cache could not be built.
-    #[error("XBZRLE cache: {0}")]
-    Cache(#[source] CacheError),
-    /// The XBZRLE cache could not be resized.
-    #[error("XBZRLE cache resize: {0}")]
+    /// The XBZRLE cache could not be built (the cache's message names it).
+    #[error(transparent)]
+    Cache(CacheError),
+    /// The XBZRLE cache could not be resized (the cache's message names it).
+    #[error("resize: {0}")]
     CacheResize(#[source] CacheError),
     /// Closing the sink failed (e.g. an `exec:` command failed).
     #[error("closing the transport: {0}")]
