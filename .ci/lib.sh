@@ -78,3 +78,18 @@ run_backend_tests() {
     check_backends_ran "$log" "$req" || { echo "$tag: FAILED: a required backend did not run"; return 1; }
     echo "$tag: passed (${took}s), backends required: $req"
 }
+
+# require_vectors SCRIPT FILE WHY: sets and exports PRECOPY_VECTORS (the
+# caller's value, else ../shared/qemu-vectors beside the clone) and
+# PRECOPY_REQUIRE_VECTORS=1, or exits 1 saying that SCRIPT needs FILE of the
+# QEMU vectors because WHY, and how to get them.
+require_vectors() {
+    local script=$1 file=$2 why=$3 vec="${PRECOPY_VECTORS:-$PWD/../shared/qemu-vectors}"
+    if [ ! -f "$vec/$file" ]; then
+        echo "$script: QEMU vectors not found ($vec/$file); this script needs them ($why)." \
+             "Put shared/ beside the clone or set PRECOPY_VECTORS=DIR" \
+             "(scripts/qemu-vectors/make-vectors.sh regenerates a set)." >&2
+        exit 1
+    fi
+    export PRECOPY_VECTORS="$vec" PRECOPY_REQUIRE_VECTORS=1
+}

@@ -7,14 +7,8 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n=== pagecache: %s ===\n' "$*"; }
 
-VEC="${PRECOPY_VECTORS:-$PWD/../shared/qemu-vectors}"
-if [ ! -f "$VEC/page-trace.txt" ]; then
-  echo "pagecache.sh: QEMU page trace not found at $VEC/page-trace.txt; this script needs the" \
-       "vectors (cache-hits checks the real trace). Put shared/ beside the clone or set" \
-       "PRECOPY_VECTORS=DIR (scripts/qemu-vectors/make-vectors.sh regenerates a set)." >&2
-  exit 1
-fi
-export PRECOPY_VECTORS="$VEC" PRECOPY_REQUIRE_VECTORS=1
+. .ci/lib.sh
+require_vectors pagecache.sh page-trace.txt "cache-hits checks the real page trace"
 
 step "model tests with more proptest cases (release)"
 PROPTEST_CASES="${PROPTEST_CASES:-4096}" cargo test -p precopy-pagecache --release

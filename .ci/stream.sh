@@ -7,14 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VEC="${PRECOPY_VECTORS:-$PWD/../shared/qemu-vectors}"
-if [ ! -f "$VEC/README.md" ]; then
-  echo "stream.sh: QEMU vectors not found at $VEC; this script needs them (the shared set:" \
-       "it checks its pc.ram SHA-256). Put shared/ beside the clone or set PRECOPY_VECTORS=DIR" \
-       "(scripts/qemu-vectors/make-vectors.sh regenerates a set)." >&2
-  exit 1
-fi
-export PRECOPY_VECTORS="$VEC" PRECOPY_REQUIRE_VECTORS=1
+. .ci/lib.sh
+require_vectors stream.sh README.md "the shared set: it checks its pc.ram SHA-256"
+VEC=$PRECOPY_VECTORS
 
 cargo build --release -p precopy
 BIN="${CARGO_TARGET_DIR:-target}/release/precopy"

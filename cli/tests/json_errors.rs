@@ -51,16 +51,7 @@ fn kvm_available(test: &str) -> bool {
     let probe = precopy_engine::kvm::KvmVm::probe().map_err(|e| e.to_string());
     #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
     let probe: Result<(), String> = Err("--guest kvm needs Linux on x86_64".into());
-    match probe {
-        Ok(()) => true,
-        Err(e) => {
-            if std::env::var("PRECOPY_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: KVM required (PRECOPY_REQUIRE_KVM=1) but {e}");
-            }
-            println!("{test}: skipped: {e}");
-            false
-        }
-    }
+    precopy_testsupport::kvm_or_skip(test, probe)
 }
 
 #[test]

@@ -306,6 +306,28 @@ pub fn skip_or_fail(what: &str, reason: &dyn fmt::Display) {
     let _ = writeln!(io::stderr().lock(), "SKIPPED {what}: {reason}");
 }
 
+/// The environment variable that turns a skipped KVM test into a failure
+/// (`.ci/kvm.sh` sets it: CI runs where `/dev/kvm` works).
+pub const REQUIRE_KVM_ENV: &str = "PRECOPY_REQUIRE_KVM";
+
+/// For a test that needs KVM. `probe` is the caller's check (e.g.
+/// `precopy_engine::kvm::KvmVm::probe()`; `Err` says why KVM is unusable).
+/// Returns true when KVM can be used; otherwise prints one `SKIPPED
+/// {test}: {reason}` line on standard error and returns false, or panics
+/// when `PRECOPY_REQUIRE_KVM=1`.
+pub fn kvm_or_skip<E: fmt::Display>(test: &str, probe: Result<(), E>) -> bool {
+    match probe {
+        Ok(()) => true,
+        Err(e) => {
+            if std::env::var(REQUIRE_KVM_ENV).as_deref() == Ok("1") {
+                panic!("FAILED {test}: KVM required ({REQUIRE_KVM_ENV}=1) but {e}");
+            }
+            let _ = writeln!(io::stderr().lock(), "SKIPPED {test}: {e}");
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

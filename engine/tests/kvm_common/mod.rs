@@ -3,17 +3,8 @@
 
 use precopy_engine::kvm::KvmVm;
 
-/// True when KVM can be used; otherwise prints why and returns false (or
-/// panics under `PRECOPY_REQUIRE_KVM=1`).
+/// True when KVM can be used; otherwise says why (see
+/// [`precopy_testsupport::kvm_or_skip`]) and returns false.
 pub(crate) fn kvm_available(test: &str) -> bool {
-    match KvmVm::probe() {
-        Ok(()) => true,
-        Err(e) => {
-            if std::env::var("PRECOPY_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: KVM required (PRECOPY_REQUIRE_KVM=1) but {e}");
-            }
-            println!("{test}: skipped: {e}");
-            false
-        }
-    }
+    precopy_testsupport::kvm_or_skip(test, KvmVm::probe())
 }
