@@ -54,11 +54,7 @@ impl IncomingListener {
     /// [`local_uri`](IncomingListener::local_uri).
     pub fn bind(uri: &str) -> Result<IncomingListener, TransportError> {
         let parsed: MigrationUri = uri.parse()?;
-        let io = |what, source| TransportError::Io {
-            what,
-            uri: uri.to_owned(),
-            source,
-        };
+        let io = TransportError::io_for(uri);
         let kind = match parsed {
             MigrationUri::Tcp { host, port } => ListenKind::Tcp(
                 TcpListener::bind((host.as_str(), port)).map_err(|e| io("listen on", e))?,

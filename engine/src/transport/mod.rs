@@ -73,6 +73,18 @@ pub enum TransportError {
     },
 }
 
+impl TransportError {
+    /// The constructor of [`TransportError::Io`] for `uri`: `what` was being
+    /// done when the OS said `source`.
+    pub(crate) fn io_for(uri: &str) -> impl Fn(&'static str, io::Error) -> TransportError + '_ {
+        move |what, source| TransportError::Io {
+            what,
+            uri: uri.to_owned(),
+            source,
+        }
+    }
+}
+
 impl FromStr for MigrationUri {
     type Err = TransportError;
 

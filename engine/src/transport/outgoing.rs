@@ -57,11 +57,7 @@ impl Outgoing {
     /// Open the transport for `uri` (connect, create, spawn).
     pub fn open(uri: &str) -> Result<Outgoing, TransportError> {
         let parsed: MigrationUri = uri.parse()?;
-        let io = |what, source| TransportError::Io {
-            what,
-            uri: uri.to_owned(),
-            source,
-        };
+        let io = TransportError::io_for(uri);
         let kind = match parsed {
             MigrationUri::Tcp { host, port } => {
                 let addrs: Vec<_> = (host.as_str(), port)
