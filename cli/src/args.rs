@@ -139,6 +139,11 @@ pub(crate) struct IncomingArgs {
     /// query-migrate does).
     #[arg(long)]
     pub(crate) json: bool,
+    /// Write each received RAM block to DIR as a raw file named after the block (e.g.
+    /// `pc.ram.ram`), to compare with QEMU's `pmemsave`; `--json` lists them with their
+    /// SHA-256 under `ram-files`.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) save_ram: Option<PathBuf>,
 }
 
 /// The parameter update and capabilities the options ask for.

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::args::IncomingArgs;
 use crate::guest_kind::IncomingGuest;
 use crate::report::{ERROR_KEY, exit_code, kib};
+use crate::save_ram::{SavedBlock, save_ram};
 
 /// `precopy incoming URI`. Exit status 1 when nothing was received, the stream was bad or
 /// unverified, or the guest could not be loaded or failed its check.
@@ -37,7 +38,31 @@ pub(crate) fn receive<G: IncomingGuest>(args: &IncomingArgs, mut guest: G) -> Ex
     };
     // What is reported of the stream, taken before the guest takes its RAM.
     let mut v = completed_json(&r);
-    let lines = summary_lines(&r);
+    let mut lines = summary_lines(&r);
+    let saved = match &args.save_ram {
+        None => Vec::new(),
+        Some(dir) => match save_ram(&r.image, dir) {
+            Ok(s) => s,
+            Err(e) => return failed(args, &e, r.bytes),
+        },
+    };
+    if let Some(o) = v.as_object_mut()
+        && args.save_ram.is_some()
+    {
+        o.insert(
+            "ram-files".into(),
+            saved.iter().map(SavedBlock::json).collect(),
+        );
+    }
+    for b in &saved {
+        lines.push(format!(
+            "saved {} ({} bytes, sha256 {}) to {}",
+            b.block,
+            b.bytes,
+            b.sha256,
+            b.path.display()
+        ));
+    }
     let loaded = guest.load(r.image, &r.device_states);
     // true: digest checked and the guest is good; null: loaded, digest not checked.
     let verified = match &loaded {
@@ -101,8 +126,22 @@ pub(crate) fn failed(args: &IncomingArgs, why: &str, bytes: u64) -> ExitCode {
 }
 
 /// The `--json` object of a received stream, before `verified` and the guest kind's keys.
+/// `device-state` (QEMU's device sections, kept as bytes, not loaded): total bytes and one
+/// `{"name", "instance-id", "version", "bytes"}` per section; null for our own streams.
 fn completed_json<T: RamTarget>(r: &Received<T>) -> Value {
+    let device_state = r.foreign_device_state.as_ref().map(|f| {
+        json!({
+            "bytes": f.bytes.len(),
+            "sections": f.sections.iter().map(|s| json!({
+                "name": s.name,
+                "instance-id": s.instance_id,
+                "version": s.version_id,
+                "bytes": s.len,
+            })).collect::<Vec<_>>(),
+        })
+    });
     json!({
+        "device-state": device_state,
         "status": "completed",
         "total-time": r.total_time_ms,
         "bytes": r.bytes,
@@ -117,7 +156,7 @@ fn completed_json<T: RamTarget>(r: &Received<T>) -> Value {
 /// The text summary of a received stream: the lines between the status and
 /// the verification line.
 fn summary_lines<T: RamTarget>(r: &Received<T>) -> Vec<String> {
-    vec![
+    let mut lines = vec![
         format!("total time: {} ms", r.total_time_ms),
         format!("received: {} kbytes", kib(r.bytes)),
         format!("total ram: {} kbytes", kib(r.image.total_bytes())),
@@ -125,5 +164,15 @@ fn summary_lines<T: RamTarget>(r: &Received<T>) -> Vec<String> {
             "pages: {} zero, {} normal, {} xbzrle",
             r.stats.zero.count, r.stats.page.count, r.stats.xbzrle.count
         ),
-    ]
+    ];
+    if let Some(f) = &r.foreign_device_state {
+        let names: Vec<_> = f.sections.iter().map(|s| s.name.as_str()).collect();
+        lines.push(format!(
+            "device state: {} bytes in {} QEMU device sections, kept, not loaded ({})",
+            f.bytes.len(),
+            f.sections.len(),
+            names.join(", ")
+        ));
+    }
+    lines
 }

@@ -134,7 +134,7 @@ fn open(path: &Path) -> io::Result<(Box<dyn Read>, &'static str)> {
     }
 }
 
-fn hex(d: &[u8]) -> String {
+pub(crate) fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -4,7 +4,8 @@
 //! Layout: [`args`] (the options), [`migrate`] and [`incoming`] (one path each, for every
 //! guest kind), [`guest_kind`] and [`kvm_guest`] (what differs per `--guest`),
 //! [`destination`] (where the migration goes and how it is verified), [`progress`],
-//! [`report`] (summary, JSON with QEMU's `error-desc`, exit codes), [`size`], [`inspect`].
+//! [`report`] (summary, JSON with QEMU's `error-desc`, exit codes), [`size`], [`inspect`],
+//! [`save_ram`] (`incoming --save-ram`).
 
 use std::process::ExitCode;
 
@@ -19,6 +20,7 @@ mod kvm_guest;
 mod migrate;
 mod progress;
 mod report;
+mod save_ram;
 mod size;
 
 /// Live migration of guest memory, QEMU-compatible.

@@ -2,7 +2,11 @@
 //! the source does, verify the RAM digest the source put in the VM description.
 //!
 //! States: none → setup (waiting for the source) → active (reading) → completed, or failed
-//! with the stream byte offset of the error. A digest mismatch, or a stream without our
+//! with the stream byte offset of the error. Completed only once the stream was read to
+//! the end of its input: after EOF and the VM description, and after QEMU's device state
+//! too, which is kept as bytes ([`Received::foreign_device_state`]). A destination that
+//! closed the connection earlier would make a QEMU source fail its last writes and keep
+//! the VM while the destination believed it had it. A digest mismatch, or a stream without our
 //! digest, fails the migration unless verification is turned off
 //! ([`Destination::with_verify`]), as for a QEMU stream, which carries no RAM digest.
 //!
@@ -23,7 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Instant;
 
 use precopy_stream::{
-    Limits, LoadStats, Loader, OwnedDeviceState, RamImage, RamTarget, StreamReader,
+    ForeignDeviceState, Limits, LoadStats, Loader, OwnedDeviceState, RamImage, RamTarget,
+    StreamReader,
 };
 
 use crate::info::{MigrationStatus, StateChange};
@@ -70,6 +75,9 @@ pub struct Received<T = RamImage> {
     pub stats: LoadStats,
     /// Our device sections (`precopy/...`), in stream order.
     pub device_states: Vec<OwnedDeviceState>,
+    /// QEMU's device state after the RAM (from a QEMU source), kept as bytes and split
+    /// into its sections; None for our own streams.
+    pub foreign_device_state: Option<ForeignDeviceState>,
     /// The VM description JSON (`Null` when the stream has none or it is not JSON; only
     /// possible with verification off).
     pub vm_description: serde_json::Value,
@@ -265,7 +273,7 @@ impl Destination {
     ) -> Result<Received<T>, IncomingError> {
         let mut loader = Loader::with_target(limits, target);
         let loaded = loader
-            .load_from(&mut StreamReader::new(reader, limits))
+            .load_to_end(&mut StreamReader::new(reader, limits))
             .and_then(|()| loader.finish())
             .map_err(|e| IncomingError::Stream {
                 offset: e.offset(),
@@ -291,6 +299,7 @@ impl Destination {
             image: loaded.image,
             stats: loaded.stats,
             device_states: loaded.device_states,
+            foreign_device_state: loaded.foreign_device_state,
             vm_description: desc,
             digest: actual,
             verified: self.verify,

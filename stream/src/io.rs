@@ -138,11 +138,24 @@ impl<R: Read> StreamReader<R> {
         &mut self,
         f: impl FnOnce(u64, &Item<'_>, usize) -> T,
     ) -> Result<Option<T>, Error> {
+        self.next_raw_with(|offset, item, raw| f(offset, item, raw.len()))
+    }
+
+    /// As [`next_with`](Self::next_with), handing `f` the item's bytes as the stream has
+    /// them instead of their length (a relay forwards some items unchanged).
+    ///
+    /// # Errors
+    /// As [`next_with`](Self::next_with).
+    pub fn next_raw_with<T>(
+        &mut self,
+        f: impl FnOnce(u64, &Item<'_>, &[u8]) -> T,
+    ) -> Result<Option<T>, Error> {
         loop {
             let offset = self.decoder.position();
-            match self.decoder.decode(&self.buf[self.start..self.end])? {
+            let input = &self.buf[self.start..self.end];
+            match self.decoder.decode(input)? {
                 Some((item, n)) => {
-                    let r = f(offset, &item, n);
+                    let r = f(offset, &item, &input[..n]);
                     self.start += n;
                     return Ok(Some(r));
                 }

@@ -24,11 +24,14 @@
 //!   decodes onto the current page, EOS ends the part; footers are checked.
 //! * FULL sections named `precopy/...` (our extension): payload returned
 //!   ([`Loaded::device_states`]).
-//! * any other section (QEMU device state, other iterable sections): reading
-//!   stops cleanly before it ([`StopReason::ForeignSection`] with offset and name),
-//!   since its length is known only to the device's `VMStateDescription`.
-//!   The VM description after it can still be found from the end of the
-//!   stream ([`StreamReader::read_rest`] + [`find_vm_description`]).
+//! * any other section (QEMU device state, other iterable sections): the
+//!   decoder stops cleanly before it ([`StopReason::ForeignSection`] with offset
+//!   and name), since its length is known only to the device's
+//!   `VMStateDescription`. [`Loader::load_to_end`] then reads the stream to its
+//!   end and keeps QEMU's device state as bytes, split into sections along the
+//!   VM description ([`ForeignDeviceState`], [`split_device_state`]); a
+//!   destination must read that far, or a QEMU source sees its last writes
+//!   fail and reports the migration failed.
 //! * EOF, then the VM description JSON: returned ([`Loaded::vm_description`]).
 //! * COMMAND sections, compressed pages, RDMA hooks: framing is decoded; the
 //!   loader refuses them as [`FormatError::Unsupported`].
@@ -72,6 +75,7 @@
 pub mod decoder;
 pub mod encoder;
 mod error;
+mod foreign;
 pub mod format;
 mod image;
 mod io;
@@ -84,6 +88,7 @@ pub use decoder::{
 };
 pub use encoder::Encoder;
 pub use error::{Error, FormatError, WriteError};
+pub use foreign::{ForeignDeviceState, ForeignSectionInfo, split_device_state};
 pub use format::RamBlockInfo;
 pub use image::{RamBlock, RamImage, RamTarget, TargetError};
 pub use io::{StreamReader, find_vm_description};

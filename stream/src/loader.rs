@@ -5,6 +5,7 @@ use std::io::Read;
 
 use crate::decoder::{DeviceState, Item, Limits, RamRecord, SectionHeader, SectionKind};
 use crate::error::{Error, FormatError};
+use crate::foreign::{ForeignDeviceState, section_header_bytes, split_device_state};
 use crate::format::PAGE_SIZE;
 use crate::format::RamBlockInfo;
 use crate::image::{RamImage, RamTarget, TargetError};
@@ -173,6 +174,7 @@ pub struct Loader<T = RamImage> {
     machine_type: Option<String>,
     file_version: Option<u32>,
     stop: Option<StopReason>,
+    foreign: Option<ForeignDeviceState>,
 }
 
 /// The result of [`load`] (and of [`Loader::finish`], for any target `T`).
@@ -192,6 +194,9 @@ pub struct Loaded<T = RamImage> {
     pub machine_type: Option<String>,
     /// File version (3).
     pub file_version: u32,
+    /// QEMU's device state after the RAM, kept as bytes (only from
+    /// [`Loader::load_to_end`], and only when the stream has some).
+    pub foreign_device_state: Option<ForeignDeviceState>,
 }
 
 fn fmt_err(offset: u64, kind: FormatError) -> Error {
@@ -239,6 +244,7 @@ impl<T: RamTarget> Loader<T> {
             machine_type: None,
             file_version: None,
             stop: None,
+            foreign: None,
         }
     }
 
@@ -457,6 +463,60 @@ impl<T: RamTarget> Loader<T> {
         Ok(())
     }
 
+    /// Reads and applies items from `reader` to the very end of the input: as
+    /// [`load_from`](Self::load_from), then, when it stopped at a foreign section (QEMU's
+    /// device state after the RAM), reads the rest (at most
+    /// `max_device_state_bytes + max_vm_description_bytes` bytes), keeps it as a
+    /// [`ForeignDeviceState`] ([`Loaded::foreign_device_state`]) and takes the VM
+    /// description from its end. The stop reason then is [`StopReason::EndOfStream`].
+    ///
+    /// This is what a destination must do: a QEMU source fails the migration when the
+    /// destination closes the connection before its device state, EOF and VM description
+    /// are read.
+    ///
+    /// # Errors
+    /// As [`load_from`](Self::load_from); [`FormatError::Unsupported`] when a foreign
+    /// section comes before the `ram` section's END (the RAM records after it could not be
+    /// read); [`FormatError::TooLong`] for a tail over the limit; [`FormatError::Truncated`]
+    /// when the input does not end with EOF and a VM description (see
+    /// [`split_device_state`]).
+    pub fn load_to_end<R: Read>(&mut self, reader: &mut StreamReader<R>) -> Result<(), Error> {
+        self.load_from(reader)?;
+        let Some(StopReason::ForeignSection {
+            offset,
+            kind,
+            section_id,
+            ref name,
+            instance_id,
+            version_id,
+        }) = self.stop
+        else {
+            return Ok(());
+        };
+        if self.stats.ram_start > 0 && self.stats.ram_end == 0 {
+            return Err(unsupported(
+                offset,
+                "a device section before the ram section's END (RAM records after it cannot be read)",
+            ));
+        }
+        let mut tail = section_header_bytes(kind, section_id, name, instance_id, version_id);
+        let max = self
+            .limits
+            .max_device_state_bytes
+            .saturating_add(self.limits.max_vm_description_bytes);
+        let (_, rest) = reader.read_rest(max)?;
+        tail.extend_from_slice(&rest);
+        let (foreign, vmdesc) = split_device_state(offset, &tail)?;
+        self.vm_description = vmdesc.map(<[u8]>::to_vec);
+        self.stats.bytes = offset + tail.len() as u64;
+        self.stop = Some(StopReason::EndOfStream {
+            offset: foreign.eof_offset,
+            vm_description: vmdesc.is_some(),
+        });
+        self.foreign = Some(foreign);
+        Ok(())
+    }
+
     /// Ends loading and hands back everything.
     ///
     /// # Errors
@@ -478,6 +538,7 @@ impl<T: RamTarget> Loader<T> {
             vm_description: self.vm_description,
             machine_type: self.machine_type,
             file_version: self.file_version.unwrap_or(0),
+            foreign_device_state: self.foreign,
         })
     }
 }

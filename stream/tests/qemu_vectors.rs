@@ -364,3 +364,62 @@ fn vm_description_is_found_past_qemu_device_state() {
     );
     assert_eq!(v["page_size"], 4096);
 }
+
+/// `Loader::load_to_end` reads both real streams to their last byte, keeps QEMU's device
+/// state as bytes and splits it into exactly the devices the VM description lists, each
+/// section starting with its header and ending with its footer.
+#[test]
+fn device_state_is_read_to_the_end_and_split_along_the_vm_description() {
+    if skipped("device_state_is_read_to_the_end_and_split_along_the_vm_description") {
+        return;
+    }
+    for (key, s) in [
+        ("xbzrle_stream", xbzrle_stream()),
+        ("plain_stream", plain_stream()),
+    ] {
+        let e = &expected()[key];
+        let mut r = precopy_stream::StreamReader::new(s, Limits::default());
+        let mut loader = precopy_stream::Loader::new(Limits::default());
+        loader.load_to_end(&mut r).unwrap();
+        let l = loader.finish().unwrap();
+        let f = l.foreign_device_state.as_ref().expect("device state");
+        assert_eq!(f.offset, e["ram_data_ends_at"].as_u64().unwrap(), "{key}");
+        if let Some(at) = e.get("vmdescription_at").and_then(|v| v.as_u64()) {
+            assert_eq!(f.eof_offset + 1, at, "{key}");
+        }
+        assert_eq!(
+            f.bytes,
+            s[f.offset as usize..f.eof_offset as usize],
+            "{key}"
+        );
+        assert_eq!(l.stats.bytes, s.len() as u64, "{key}");
+        assert!(matches!(
+            l.stop,
+            StopReason::EndOfStream {
+                vm_description: true,
+                ..
+            }
+        ));
+        let v: serde_json::Value =
+            serde_json::from_slice(l.vm_description.as_ref().unwrap()).unwrap();
+        let devices = v["devices"].as_array().unwrap();
+        assert_eq!(f.sections.len(), devices.len(), "{key}");
+        for (i, (sec, dev)) in f.sections.iter().zip(devices).enumerate() {
+            assert_eq!(sec.name, dev["name"].as_str().unwrap(), "{key} #{i}");
+            assert_eq!(
+                u64::from(sec.instance_id),
+                dev["instance_id"].as_u64().unwrap()
+            );
+            let b = f.section_bytes(i).unwrap();
+            assert_eq!(b[0], 0x04, "{key} {}: FULL", sec.name);
+            assert_eq!(b[b.len() - 5], 0x7e, "{key} {}: footer", sec.name);
+            assert_eq!(b[b.len() - 4..], sec.section_id.to_be_bytes());
+        }
+        assert_eq!(f.sections[0].name, "timer");
+        println!(
+            "{key}: {} device sections, {} bytes",
+            f.sections.len(),
+            f.bytes.len()
+        );
+    }
+}
