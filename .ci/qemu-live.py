@@ -872,10 +872,12 @@ def check3(h, src72):
         h.facts[label] = r
     for row in rows:
         h.log(row)
-    text = "%d/10 runs agree, %d/10 completed on both sides" % (agree, completed)
+    text = ("%d/10 runs agree, %d/10 completed on both sides, one source (cont after each "
+            "completed run)" % (agree, completed))
     bad = [row for row in rows if "completed, QEMU completed, 0/" not in row]
     if bad:
-        text += "; " + "; ".join(bad)
+        text += ("; runs whose RAM differs from the source's pmemsave (reported here, judged "
+                 "in check1 against QEMU's own load): " + "; ".join(bad))
     h.report("PASS" if agree == 10 and completed == 10 else "FAIL", name, text)
 
 
