@@ -167,6 +167,35 @@ pub(crate) fn parameters_from(args: &MigrateArgs) -> (ParameterUpdate, Capabilit
     (u, c)
 }
 
+/// Arguments of `precopy relay`.
+#[derive(clap::Args)]
+pub(crate) struct RelayArgs {
+    /// Where the source connects: tcp:HOST:PORT or unix:PATH (what the source QEMU's
+    /// `migrate` names).
+    #[arg(long)]
+    pub(crate) from: String,
+    /// The destination, e.g. a QEMU started with `-incoming tcp:HOST:PORT` (or `-incoming
+    /// defer` and `migrate-incoming`): tcp:, unix:, file: or exec:.
+    #[arg(long)]
+    pub(crate) to: String,
+    /// Re-encode pages with XBZRLE against the relay's own cache (the relay's choice,
+    /// whatever the source uses).
+    #[arg(long, value_enum, default_value = "off")]
+    pub(crate) xbzrle: OnOff,
+    /// The relay's XBZRLE cache size, bytes (suffixes K, M, G, T), as QEMU's
+    /// `xbzrle-cache-size`.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    pub(crate) xbzrle_cache_size: u64,
+    /// Largest RAM the source's stream may declare (MEM_SIZE), bytes (suffixes K, M, G, T).
+    #[arg(long, value_parser = parse_size, default_value = "16G")]
+    pub(crate) max_ram: u64,
+    /// Print the result as one JSON line: `status`, `error-desc` and `failed-side`
+    /// (`source`, `destination`) on failure, `bytes-in`, `bytes-out`, `pages-in`,
+    /// `pages-out` per kind, XBZRLE counters, `device-state-bytes`, `total-time` (ms).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
 /// Arguments of `precopy inspect`.
 #[derive(clap::Args)]
 pub(crate) struct InspectArgs {

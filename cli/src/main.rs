@@ -5,7 +5,7 @@
 //! guest kind), [`guest_kind`] and [`kvm_guest`] (what differs per `--guest`),
 //! [`destination`] (where the migration goes and how it is verified), [`progress`],
 //! [`report`] (summary, JSON with QEMU's `error-desc`, exit codes), [`size`], [`inspect`],
-//! [`save_ram`] (`incoming --save-ram`).
+//! [`save_ram`] (`incoming --save-ram`), [`relay`].
 
 use std::process::ExitCode;
 
@@ -19,6 +19,7 @@ mod inspect;
 mod kvm_guest;
 mod migrate;
 mod progress;
+mod relay;
 mod report;
 mod save_ram;
 mod size;
@@ -39,6 +40,9 @@ enum Command {
     Incoming(args::IncomingArgs),
     /// Read a migration stream file and summarise it.
     Inspect(args::InspectArgs),
+    /// Forward a migration from a QEMU source to a QEMU destination, re-encoding its RAM
+    /// (zero pages, XBZRLE with the relay's own cache).
+    Relay(args::RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,5 +51,6 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(args),
         Command::Incoming(args) => incoming::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Relay(args) => relay::run(args),
     }
 }

@@ -58,6 +58,7 @@ pub mod info;
 pub mod migrator;
 pub mod params;
 pub mod policy;
+pub mod relay;
 pub mod source;
 pub mod transport;
 pub mod vmdesc;
@@ -71,6 +72,7 @@ pub use guest::{
 pub use info::{MigrationInfo, MigrationStatus, RamStats, StateChange, XbzrleCacheStats};
 pub use migrator::{BlockerId, MigrateError, Migrator};
 pub use params::{Capabilities, MigrationParameters, ParameterError, ParameterUpdate};
+pub use relay::{RelayError, RelayFailure, RelayOptions, RelaySide, RelayStats, relay};
 pub use transport::{IncomingListener, MigrationSink, MigrationUri, Outgoing, TransportError};
 
 /// The KVM guest (feature `kvm`, Linux x86_64): [`guest::kvm`], at its historical path.

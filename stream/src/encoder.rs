@@ -92,6 +92,25 @@ impl Encoder {
         }
     }
 
+    /// An encoder that writes only page records (ZERO, PAGE, XBZRLE) for the RAM blocks
+    /// `blocks` (a MEM_SIZE list, in its order; page records name blocks by index into
+    /// it), into a stream whose other items another writer frames.
+    ///
+    /// For a relay: it forwards a QEMU source's file header, configuration, section
+    /// headers, MEM_SIZE, EOS records and footers as they are, and re-encodes the page
+    /// records between them with this encoder. The CONTINUE decision spans the whole
+    /// stream, as QEMU's destination tracks the last block it read across sections; the
+    /// first record names its block. Only [`zero_page`](Self::zero_page),
+    /// [`page`](Self::page) and [`xbzrle_page`](Self::xbzrle_page) may be called.
+    pub fn page_records_only(blocks: &[RamBlockInfo]) -> Self {
+        Encoder {
+            state: WState::RamOpen,
+            blocks: blocks.to_vec(),
+            ram_started: true,
+            ..Encoder::new()
+        }
+    }
+
     /// The MEM_SIZE block list given to [`ram_setup`](Self::ram_setup).
     pub fn blocks(&self) -> &[RamBlockInfo] {
         &self.blocks
