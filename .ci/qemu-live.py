@@ -988,6 +988,19 @@ def check2(h, src, qemu, firmware, xbzrle):
         h.report("FAIL", name, "; ".join(problems) + ("; " + text if text else ""))
     else:
         h.report("PASS", name, text)
+    js = (h.facts.get(label) or {}).get("relay") or {}
+    if xbzrle and js.get("status") == "completed":
+        # Every page QEMU sent as XBZRLE had been sent before, and the relay's cache (64 MiB)
+        # is 4 times QEMU's (16 MiB): the relay should find most of them in its cache.
+        src_x = (js.get("pages-in") or {}).get("xbzrle", 0)
+        out = js.get("pages-out") or {}
+        hits = out.get("xbzrle", 0) + out.get("skipped", 0)
+        good = src_x == 0 or hits * 2 >= src_x
+        h.report("PASS" if good else "FAIL", "check2 relay --xbzrle on cache hits",
+                 "the source sent %d pages as XBZRLE (hits in its 16 MiB cache); the relay's "
+                 "64 MiB cache hit %d (XBZRLE %d, skipped %d), %d misses; bytes in %s, out %s"
+                 % (src_x, hits, out.get("xbzrle", 0), out.get("skipped", 0),
+                    js.get("xbzrle-cache-miss", -1), js.get("bytes-in"), js.get("bytes-out")))
 
 
 def _check2_once(h, src, qemu, firmware, xbzrle, label):
