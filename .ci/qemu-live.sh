@@ -11,6 +11,7 @@
 #   QEMU_LIVE_OUT=DIR    where logs go (default target/qemu-live, emptied first)
 #   QEMU_LIVE_CACHE=DIR  guest kernel/initrd and QEMU 10 (default target/qemu-cache)
 #   QEMU_LIVE_CHECKS=... a subset, e.g. 1,3 (default: all)
+#   QEMU_LIVE_EXTRA_APPEND=" nokaslr"  more guest kernel arguments (diagnosis)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
