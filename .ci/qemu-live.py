@@ -969,7 +969,7 @@ def relay(h, label, to_uri, xbzrle):
 
 def check2(h, src, qemu, firmware, xbzrle):
     """QEMU -> precopy relay -> QEMU. A destination whose guest makes no progress after
-    `cont` (QEMU 7.2 TCG, also seen QEMU -> QEMU with no precopy between: 6 of 41 direct
+    `cont` (QEMU 7.2 TCG, also seen QEMU -> QEMU with no precopy between: 7 of 48 direct
     runs in trials, the vCPU looping in the same kernel function every time, with the local
     APIC on or off) is tried again, up to 5 attempts, and the line says so."""
     name = "check2 relay --xbzrle %s" % ("on" if xbzrle else "off")
