@@ -6,10 +6,15 @@ Boots the tiny real guest of scripts/qemu-vectors (TCG, -m 128) under QEMU 7.2
 
   check1   QEMU -> `precopy incoming --save-ram`: the saved pc.ram equals the
            stopped source's pmemsave outside 0xA0000-0xFFFFF (xbzrle on, off,
-           a low-bandwidth run with several dirty syncs, and QEMU 10 as source)
+           a low-bandwidth run with several dirty syncs, and QEMU 10 as source);
+           where the source never sent a page (QEMU 7.2 TCG), precopy must equal
+           QEMU 7.2's own load of the same bytes, which must differ from the
+           source on exactly the same pages
   check2   QEMU -> `precopy relay` -> QEMU (--xbzrle on and off): destination
-           completed and running, workload counter advances there, RAM equals
-           the source's at switchover (and after cont, except workload pages)
+           completed and running, workload counter advances there, RAM before
+           cont equals the source's at switchover (same rule as check1); after
+           cont + stop the differing pages are counted (workload pages among
+           them); the relay's XBZRLE cache hits against the source's
   check3   10 consecutive live runs into `precopy incoming` (tcp/unix, xbzrle
            on/off): precopy and QEMU agree on the outcome every time
   check4a  source SIGKILLed mid-RAM: precopy incoming fails with a typed error
@@ -19,11 +24,10 @@ Boots the tiny real guest of scripts/qemu-vectors (TCG, -m 128) under QEMU 7.2
            relay fails naming the destination, the source ends failed and runs
   check4d  no precopy or QEMU process the harness started is left behind
 
-Prints one line per check (PASS/FAIL/KNOWN ...), writes everything under --out,
+Prints one line per check (PASS/FAIL ...), writes everything under --out,
 exits 1 if any check failed. Standard library only.
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -576,7 +580,7 @@ def line1(r):
     if "ref-differ" in r:
         wl += (": QEMU 7.2's own load of the same bytes differs from the source on %s pages"
                " (%s), precopy's RAM differs from QEMU's load on %s of %s pages"
-               % (r["ref-vs-source"], "the same pages: not sent by the source, the TCG "
+               % (r["ref-vs-source"], "the same pages: not sent by the source, probably the TCG "
                   "dirty-tracking gap" if r.get("ref-same-pages") else "NOT the same pages",
                   r["ref-differ"], r["ref-compared"]))
     return ("%s pages compared, %s differ%s (outside 0xA0000-0xFFFFF), precopy %s, QEMU %s, "
