@@ -18,9 +18,15 @@
 //!
 //! The relay's XBZRLE cache follows the rules of the engine's source: the cache holds what
 //! the destination has for each cached page (a zero page is inserted as such, a miss
-//! inserts the page sent, an XBZRLE encode updates the cached copy); the generation is the
-//! number of `ram` sections forwarded, and in the END section (the source's guest is
-//! stopped) nothing is inserted any more.
+//! inserts the page sent, an XBZRLE encode updates the cached copy), and in the END
+//! section (the source's guest is stopped) nothing is inserted any more. The cache
+//! generation stands for the source's dirty-bitmap pass, which the stream does not carry:
+//! a source sends the dirty pages of a pass in address order (QEMU walks its blocks and
+//! their bitmaps upwards), so the relay starts a new generation when a page record's flat
+//! address is not above the previous one. (Counting `ram` sections instead, of which QEMU
+//! writes one per ~50 ms, made every re-sent page look a generation older than it is, and
+//! the cache's admission rule refused it: measured on the QEMU vectors' stream, 1370
+//! XBZRLE records out of 9349 possible.)
 //!
 //! Flow control is the sockets': one thread, blocking reads and writes, at most
 //! [`OUT_BUFFER`] bytes buffered, so a slow destination slows the source. Any error ends
@@ -217,6 +223,8 @@ struct Ram {
     bases: Vec<u64>,
     cache: Option<PageCache>,
     generation: u64,
+    /// Flat address of the previous page record (a new pass starts at or below it).
+    last_addr: Option<u64>,
     last_stage: bool,
     delta: Box<Page>,
 }
@@ -251,6 +259,10 @@ impl Ram {
             return Err(enc_err(precopy_stream::WriteError::NoSuchBlock { block }));
         };
         let addr = self.bases.get(block).copied().unwrap_or(0) + page;
+        if self.last_addr.is_some_and(|last| addr <= last) {
+            self.generation += 1;
+        }
+        self.last_addr = Some(addr);
         let before = out.buf.len();
         if self.codec.is_zero(data) {
             if let Some(c) = self.cache.as_mut()
@@ -359,6 +371,7 @@ fn run<R: Read, W: Write>(
             None
         },
         generation: 0,
+        last_addr: None,
         last_stage: false,
         delta: Box::new([0; PAGE_SIZE]),
     };
@@ -391,7 +404,6 @@ fn run<R: Read, W: Write>(
                     }
                     Item::Section(h) => {
                         stats.ram_sections += 1;
-                        ram.generation += 1;
                         if h.kind == SectionKind::End {
                             ram.last_stage = true;
                         }
