@@ -16,6 +16,7 @@ mod guest_kind;
 mod incoming;
 mod inspect;
 mod kvm_guest;
+mod mapped_ram;
 mod migrate;
 mod progress;
 mod report;

@@ -229,6 +229,8 @@ pub struct MappedRamFile {
     pub sections: Vec<TailSection>,
     /// Whether EOF (0x00) was read (false when reading stopped at a foreign section).
     pub saw_eof: bool,
+    /// The VM description JSON after EOF, if any (QEMU's, or ours with the RAM digest).
+    pub vm_description: Option<Vec<u8>>,
 }
 
 /// Reads and checks helper: a cursor over a [`ReadAt`] with the file size.
@@ -442,6 +444,7 @@ impl MappedRamFile {
             ram_end,
             sections: Vec::new(),
             saw_eof: false,
+            vm_description: None,
         };
         file.parse_tail(&mut rd, limits)?;
         Ok(file)
@@ -568,7 +571,38 @@ impl MappedRamFile {
                         ));
                     }
                     self.saw_eof = true;
-                    // An optional VM description may follow; it is not needed here.
+                    // An optional VM description may follow.
+                    if rd.pos < rd.len {
+                        let vd_at = rd.pos;
+                        if rd.u8("VM description")? != VM_DESCRIPTION {
+                            return Err(Rd::<R>::fmt(vd_at, FormatError::TrailingData));
+                        }
+                        let n = rd.be32("VM description")? as usize;
+                        if n > limits.max_vm_description_bytes {
+                            return Err(Rd::<R>::fmt(
+                                vd_at,
+                                FormatError::TooLong {
+                                    what: "VM description",
+                                    len: n as u64,
+                                    limit: limits.max_vm_description_bytes as u64,
+                                },
+                            ));
+                        }
+                        if rd.pos.saturating_add(n as u64) > rd.len {
+                            return Err(Rd::<R>::fmt(
+                                vd_at,
+                                FormatError::Truncated {
+                                    what: "VM description",
+                                },
+                            ));
+                        }
+                        let mut json = vec![0u8; n];
+                        rd.bytes(&mut json, "VM description")?;
+                        if rd.pos != rd.len {
+                            return Err(Rd::<R>::fmt(rd.pos, FormatError::TrailingData));
+                        }
+                        self.vm_description = Some(json);
+                    }
                     return Ok(());
                 }
                 byte => {
@@ -616,45 +650,97 @@ impl MappedRamFile {
     /// one positional read each.
     ///
     /// # Errors
-    /// [`Error::Io`]; `out` of the wrong length is [`FormatError::Unexpected`].
+    /// As [`MappedRamFile::read_pages`].
     pub fn read_block<R: ReadAt + ?Sized>(
         &self,
         src: &R,
         block: usize,
         out: &mut [u8],
     ) -> Result<(), Error> {
-        let b = self.blocks.get(block).ok_or(Error::Format {
-            offset: 0,
-            kind: FormatError::Unexpected {
-                what: "block index out of range",
-            },
-        })?;
-        if out.len() as u64 != b.info.used_length {
+        let len = self.blocks.get(block).map_or(0, |b| b.info.used_length);
+        if out.len() as u64 != len {
             return Err(Error::Format {
-                offset: b.header_offset,
+                offset: 0,
                 kind: FormatError::Unexpected {
                     what: "output buffer length differs from the block length",
                 },
             });
         }
-        let pages = b.pages();
+        self.read_pages(src, block, 0, out)
+    }
+
+    /// Reads `out.len() / 4096` pages of block `block` from page index
+    /// `first`: present pages from the file (runs in one positional read
+    /// each), holes as zeros.
+    ///
+    /// # Errors
+    /// [`Error::Io`]; a block index out of range, an `out` that is not whole
+    /// pages or passes the block's end: [`FormatError::Unexpected`].
+    pub fn read_pages<R: ReadAt + ?Sized>(
+        &self,
+        src: &R,
+        block: usize,
+        first: u64,
+        out: &mut [u8],
+    ) -> Result<(), Error> {
+        let unexpected = |what| Error::Format {
+            offset: 0,
+            kind: FormatError::Unexpected { what },
+        };
+        let b = self
+            .blocks
+            .get(block)
+            .ok_or_else(|| unexpected("block index out of range"))?;
         let ps = PAGE_SIZE as u64;
-        let mut p = 0;
-        while p < pages {
+        let n = out.len() as u64 / ps;
+        if !out.len().is_multiple_of(PAGE_SIZE)
+            || first.checked_add(n).is_none_or(|e| e > b.pages())
+        {
+            return Err(unexpected("page range outside the block"));
+        }
+        let end = first + n;
+        let at = |p: u64| ((p - first) * ps) as usize;
+        let mut p = first;
+        while p < end {
             if !b.is_present(p) {
-                let q = (p..pages).find(|&q| b.is_present(q)).unwrap_or(pages);
-                out[(p * ps) as usize..(q * ps) as usize].fill(0);
+                let q = (p..end).find(|&q| b.is_present(q)).unwrap_or(end);
+                out[at(p)..at(q)].fill(0);
                 p = q;
                 continue;
             }
-            let q = (p..pages).find(|&q| !b.is_present(q)).unwrap_or(pages);
+            let q = (p..end).find(|&q| !b.is_present(q)).unwrap_or(end);
             let off = b.page_file_offset(p);
-            src.read_exact_at(&mut out[(p * ps) as usize..(q * ps) as usize], off)
+            src.read_exact_at(&mut out[at(p)..at(q)], off)
                 .map_err(|source| Error::Io {
                     offset: off,
                     source,
                 })?;
             p = q;
+        }
+        Ok(())
+    }
+
+    /// SHA-256-ready walk: calls `f` with successive chunks (at most 1 MiB)
+    /// of block `block`'s content, holes as zeros, without holding the whole
+    /// block in memory.
+    ///
+    /// # Errors
+    /// As [`MappedRamFile::read_pages`].
+    pub fn for_each_chunk<R: ReadAt + ?Sized>(
+        &self,
+        src: &R,
+        block: usize,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<(), Error> {
+        let pages = self.blocks.get(block).map_or(0, |b| b.pages());
+        let mut buf = vec![0u8; 256 * PAGE_SIZE];
+        let mut p = 0;
+        while p < pages {
+            let n = (pages - p).min(256);
+            let chunk = &mut buf[..n as usize * PAGE_SIZE];
+            self.read_pages(src, block, p, chunk)?;
+            f(chunk);
+            p += n;
         }
         Ok(())
     }
@@ -1064,4 +1150,26 @@ impl<'f> MappedRamWriter<'f> {
         self.file.sync_all().map_err(wio)?;
         Ok(len)
     }
+}
+
+/// Appends the VM description (0x06, be32 length, `json`) at the end of a
+/// finished mapped-ram file (after its EOF, as QEMU places it), then fsyncs.
+/// Returns the new file length.
+///
+/// # Errors
+/// [`WriteError::TooLong`] for a JSON ≥ 4 GiB; [`WriteError::Io`].
+pub fn append_vm_description(file: &File, json: &[u8]) -> Result<u64, WriteError> {
+    let len = u32::try_from(json.len()).map_err(|_| WriteError::TooLong {
+        what: "VM description",
+        len: json.len() as u64,
+        limit: u32::MAX.into(),
+    })?;
+    let end = file.metadata().map_err(wio)?.len();
+    let mut b = Vec::with_capacity(json.len() + 5);
+    b.push(VM_DESCRIPTION);
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(json);
+    file.write_all_at(&b, end).map_err(wio)?;
+    file.sync_all().map_err(wio)?;
+    Ok(end + b.len() as u64)
 }
