@@ -16,6 +16,9 @@ use crate::report::{ERROR_KEY, exit_code, kib};
 /// `precopy incoming URI`. Exit status 1 when nothing was received, the stream was bad or
 /// unverified, or the guest could not be loaded or failed its check.
 pub(crate) fn run(args: IncomingArgs) -> ExitCode {
+    if let Some(code) = crate::mapped_ram::incoming(&args) {
+        return code;
+    }
     args.guest.incoming(&args)
 }
 

@@ -672,6 +672,34 @@ pub struct Restored {
     pub sequence: u64,
 }
 
+/// Reads the RAM of a parsed mapped-ram file into a new [`RamImage`] (bounded by
+/// `limits.max_ram_bytes`), 1 MiB chunks in parallel (rayon), holes as zeros.
+///
+/// # Errors
+/// [`SnapshotError::Alloc`], [`SnapshotError::Format`] (read errors, with the offset).
+pub fn read_mapped_ram(
+    m: &MappedRamFile,
+    f: &File,
+    path: &Path,
+    limits: &Limits,
+) -> Result<RamImage, SnapshotError> {
+    let infos = m.block_infos();
+    let mut image = RamImage::new(&infos, limits.max_ram_bytes)
+        .map_err(|bytes| SnapshotError::Alloc { bytes })?;
+    const CHUNK: usize = 256 * PAGE_SIZE;
+    for (i, b) in image.blocks_mut().iter_mut().enumerate() {
+        b.data_mut()
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .try_for_each(|(k, c)| m.read_pages(f, i, (k * CHUNK / PAGE_SIZE) as u64, c))
+            .map_err(|source| SnapshotError::Format {
+                path: path.to_owned(),
+                source,
+            })?;
+    }
+    Ok(image)
+}
+
 /// Loads a full snapshot (mapped-ram with our VM description), checking its RAM digest.
 ///
 /// # Errors
@@ -701,13 +729,7 @@ pub fn load_full(path: &Path, limits: &Limits) -> Result<Restored, SnapshotError
     let expected = vmdesc::digest_from_vm_description(&desc)
         .ok_or_else(not)?
         .to_owned();
-    let infos = m.block_infos();
-    let mut image = RamImage::new(&infos, limits.max_ram_bytes)
-        .map_err(|bytes| SnapshotError::Alloc { bytes })?;
-    for i in 0..infos.len() {
-        let data = image.blocks_mut()[i].data_mut();
-        m.read_block(&f, i, data).map_err(fmt)?;
-    }
+    let image = read_mapped_ram(&m, &f, path, limits)?;
     let found = vmdesc::image_digest(&image);
     if found != expected {
         return Err(SnapshotError::DigestMismatch {
