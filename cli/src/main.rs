@@ -21,6 +21,7 @@ mod migrate;
 mod progress;
 mod report;
 mod size;
+mod snapshot;
 
 /// Live migration of guest memory, QEMU-compatible.
 #[derive(Parser)]
@@ -38,6 +39,8 @@ enum Command {
     Incoming(args::IncomingArgs),
     /// Read a migration stream file and summarise it.
     Inspect(args::InspectArgs),
+    /// Incremental memory snapshots: take (simulated guest), restore, merge.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,5 +49,6 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(args),
         Command::Incoming(args) => incoming::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Snapshot(args) => snapshot::run(args),
     }
 }
