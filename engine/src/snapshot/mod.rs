@@ -8,8 +8,9 @@
 //! | diff snapshot | our [`diff`] format: id, parent id, sequence, then ZERO / XBZRLE / RAW records, device sections, a BLAKE3 trailer |
 //!
 //! Taking a snapshot ([`Snapshotter`]) copies pages while the guest runs, then stops the
-//! vCPUs, fetches the dirty log once more, copies what was dirtied meanwhile and the device
-//! state, and resumes: the guest's pause is that final pass only. The dirty log stays on
+//! vCPUs, fetches the dirty log once more, copies what was dirtied meanwhile into memory
+//! (in parallel) with the device state, and resumes: the guest's pause is that copy only;
+//! encoding and writing those pages happen after the guest runs again. The dirty log stays on
 //! between snapshots, so the next diff holds exactly the pages written since this pause.
 //! XBZRLE deltas are against the page as the chain left it, kept in an XBZRLE page cache
 //! (`precopy-pagecache`, bounded budget); a page not in the cache goes RAW.
@@ -291,6 +292,44 @@ fn count(maps: &[Vec<u64>]) -> u64 {
         .sum()
 }
 
+/// Pages copied out of the guest: `(block, page)` and their bytes, 4096 each, in order.
+struct Copied {
+    index: Vec<(usize, u64)>,
+    data: Vec<u8>,
+}
+
+impl Copied {
+    fn page(&self, i: usize) -> &Page {
+        (&self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+            .try_into()
+            .expect("page-sized")
+    }
+}
+
+/// Copies every page whose bit is set out of the guest into memory, in parallel (rayon).
+/// This is all a snapshot does while the guest is stopped: encoding and writing happen after
+/// it resumes.
+fn copy_out(guest: &dyn Guest, maps: &[Vec<u64>]) -> Result<Copied, GuestError> {
+    let mut index = Vec::new();
+    for (b, m) in maps.iter().enumerate() {
+        for (wi, &word) in m.iter().enumerate() {
+            let mut w = word;
+            while w != 0 {
+                index.push((b, wi as u64 * 64 + u64::from(w.trailing_zeros())));
+                w &= w - 1;
+            }
+        }
+    }
+    let mut data = vec![0u8; index.len() * PAGE_SIZE];
+    data.par_chunks_mut(PAGE_SIZE)
+        .zip(index.par_iter())
+        .try_for_each(|(c, &(b, p))| {
+            let page: &mut Page = c.try_into().expect("page-sized");
+            guest.read_page(b, p, page)
+        })?;
+    Ok(Copied { index, data })
+}
+
 /// Copies every page whose bit is set into the mapped-ram file, in parallel (rayon): runs of
 /// up to 256 dirty pages are read from the guest and written with one positional write per
 /// non-zero run (zero pages stay holes). Returns the pages written with data.
@@ -353,7 +392,7 @@ fn file_digest(m: &MappedRamFile, f: &File, path: &Path) -> Result<String, Snaps
     for (i, b) in m.blocks.iter().enumerate() {
         vmdesc::digest_block_header(&mut h, &b.info.name, b.info.used_length);
         m.for_each_chunk(f, i, |c| {
-            h.update(c);
+            h.update_rayon(c);
         })
         .map_err(|source| SnapshotError::Format {
             path: path.to_owned(),
@@ -501,15 +540,21 @@ impl<'g> Snapshotter<'g> {
         let p0 = Instant::now();
         let r = (|| {
             let dirty = fetch_dirty(guest, &self.blocks)?;
-            let final_pages = count(&dirty);
-            copy_to_mapped_ram(guest, &w, &dirty)?;
+            let copied = copy_out(guest, &dirty)?;
             let devices = guest.device_states()?;
-            Ok::<_, SnapshotError>((final_pages, devices))
+            Ok::<_, SnapshotError>((copied, devices))
         })();
         let resumed = self.resume(was);
         let pause = p0.elapsed();
-        let (final_pages, devices) = r?;
+        let (copied, devices) = r?;
         resumed?;
+        let final_pages = copied.index.len() as u64;
+        (0..copied.index.len()).into_par_iter().try_for_each(|i| {
+            let (b, p) = copied.index[i];
+            w.write_page(b, p * PAGE_SIZE as u64, copied.page(i))
+                .map(|_| ())
+        })?;
+        drop(copied);
         let id = SnapshotId::new();
         finish_full(w, file, tmp, path, &devices, id, 0)?;
         if let Some(c) = &mut self.cache {
@@ -546,55 +591,47 @@ impl<'g> Snapshotter<'g> {
         })
     }
 
-    /// Encodes every page whose bit is set into `b`, against the cache.
+    /// Encodes the copied pages into `b`, in order, against the cache.
     fn encode(
         &mut self,
         b: &mut diff::DiffBuilder,
-        maps: &[Vec<u64>],
+        copied: &Copied,
         st: &mut SnapshotStats,
     ) -> Result<(), SnapshotError> {
         self.generation += 1;
         let gen_ = self.generation;
-        let mut page: Box<Page> = Box::new([0u8; PAGE_SIZE]);
         let mut out = vec![0u8; PAGE_SIZE];
-        for (bi, m) in maps.iter().enumerate() {
-            for (wi, &word) in m.iter().enumerate() {
-                let mut w = word;
-                while w != 0 {
-                    let p = wi as u64 * 64 + u64::from(w.trailing_zeros());
-                    w &= w - 1;
-                    self.guest.read_page(bi, p, &mut page)?;
-                    let addr = ((bi as u64) << 48) | (p * PAGE_SIZE as u64);
-                    let zero = xbzrle::is_zero(&page[..]);
-                    let cached = self.cache.as_mut().and_then(|c| c.lookup(addr, gen_));
-                    match (zero, cached) {
-                        (true, Some(c)) => {
-                            b.zero(bi, p);
-                            st.zero += 1;
-                            c.fill(0);
-                        }
-                        (true, None) => {
-                            b.zero(bi, p);
-                            st.zero += 1;
-                        }
-                        (false, Some(c)) => match xbzrle::encode_and_update(c, &page, &mut out) {
-                            Ok(0) => {} // unchanged since the chain's copy: no record
-                            Ok(n) => {
-                                b.xbzrle(bi, p, &out[..n]);
-                                st.xbzrle += 1;
-                            }
-                            Err(_) => {
-                                b.raw(bi, p, &page);
-                                st.raw += 1;
-                            }
-                        },
-                        (false, None) => {
-                            b.raw(bi, p, &page);
-                            st.raw += 1;
-                            if let Some(c) = &mut self.cache {
-                                let _ = c.insert(addr, &page, gen_);
-                            }
-                        }
+        for (i, &(bi, p)) in copied.index.iter().enumerate() {
+            let page = copied.page(i);
+            let addr = ((bi as u64) << 48) | (p * PAGE_SIZE as u64);
+            let zero = xbzrle::is_zero(&page[..]);
+            let cached = self.cache.as_mut().and_then(|c| c.lookup(addr, gen_));
+            match (zero, cached) {
+                (true, Some(c)) => {
+                    b.zero(bi, p);
+                    st.zero += 1;
+                    c.fill(0);
+                }
+                (true, None) => {
+                    b.zero(bi, p);
+                    st.zero += 1;
+                }
+                (false, Some(c)) => match xbzrle::encode_and_update(c, page, &mut out) {
+                    Ok(0) => {} // unchanged since the chain's copy: no record
+                    Ok(n) => {
+                        b.xbzrle(bi, p, &out[..n]);
+                        st.xbzrle += 1;
+                    }
+                    Err(_) => {
+                        b.raw(bi, p, page);
+                        st.raw += 1;
+                    }
+                },
+                (false, None) => {
+                    b.raw(bi, p, page);
+                    st.raw += 1;
+                    if let Some(c) = &mut self.cache {
+                        let _ = c.insert(addr, page, gen_);
                     }
                 }
             }
@@ -622,21 +659,23 @@ impl<'g> Snapshotter<'g> {
         };
         let guest = self.guest;
         let r = (|| {
-            let live = fetch_dirty(guest, &self.blocks)?;
-            st.live_pages = count(&live);
+            let live = copy_out(guest, &fetch_dirty(guest, &self.blocks)?)?;
+            st.live_pages = live.index.len() as u64;
             self.encode(&mut b, &live, &mut st)?;
+            drop(live);
             let was = self.stop()?;
             let p0 = Instant::now();
             let r = (|| {
                 let dirty = fetch_dirty(guest, &self.blocks)?;
-                st.final_pages = count(&dirty);
-                self.encode(&mut b, &dirty, &mut st)?;
-                Ok::<_, SnapshotError>(guest.device_states()?)
+                let copied = copy_out(guest, &dirty)?;
+                Ok::<_, SnapshotError>((copied, guest.device_states()?))
             })();
             let resumed = self.resume(was);
             st.pause_us = p0.elapsed().as_micros() as u64;
-            let devices = r?;
+            let (copied, devices) = r?;
             resumed?;
+            st.final_pages = copied.index.len() as u64;
+            self.encode(&mut b, &copied, &mut st)?;
             let bytes = b.finish(&devices);
             st.file_bytes = bytes.len() as u64;
             st.disk_bytes = st.file_bytes;
