@@ -309,7 +309,7 @@ impl Copied {
 /// Copies every page whose bit is set out of the guest into memory, in parallel (rayon).
 /// This is all a snapshot does while the guest is stopped: encoding and writing happen after
 /// it resumes.
-fn copy_out(guest: &dyn Guest, maps: &[Vec<u64>]) -> Result<Copied, GuestError> {
+fn copy_out(guest: &dyn Guest, maps: &[Vec<u64>], mut data: Vec<u8>) -> Result<Copied, GuestError> {
     let mut index = Vec::new();
     for (b, m) in maps.iter().enumerate() {
         for (wi, &word) in m.iter().enumerate() {
@@ -320,8 +320,12 @@ fn copy_out(guest: &dyn Guest, maps: &[Vec<u64>]) -> Result<Copied, GuestError> 
             }
         }
     }
-    let mut data = vec![0u8; index.len() * PAGE_SIZE];
-    data.par_chunks_mut(PAGE_SIZE)
+    // `data` is a buffer kept from the last snapshot (already faulted in): it only grows.
+    if data.len() < index.len() * PAGE_SIZE {
+        data.resize(index.len() * PAGE_SIZE, 0);
+    }
+    data[..index.len() * PAGE_SIZE]
+        .par_chunks_mut(PAGE_SIZE)
         .zip(index.par_iter())
         .try_for_each(|(c, &(b, p))| {
             let page: &mut Page = c.try_into().expect("page-sized");
@@ -453,9 +457,21 @@ pub struct Snapshotter<'g> {
     generation: u64,
     last: Option<SnapshotId>,
     sequence: u64,
+    /// Page buffer of the final pass, kept between snapshots so the pause does not fault it in.
+    buf: Vec<u8>,
 }
 
 impl<'g> Snapshotter<'g> {
+    /// Grows the kept page buffer to `pages` pages before a pause (its faults happen now,
+    /// while the guest runs) and hands it out.
+    fn take_buf(&mut self, pages: u64) -> Vec<u8> {
+        let want = pages as usize * PAGE_SIZE;
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        std::mem::take(&mut self.buf)
+    }
+
     /// A snapshotter for `guest` (nothing is taken yet).
     ///
     /// # Errors
@@ -480,6 +496,7 @@ impl<'g> Snapshotter<'g> {
             generation: 0,
             last: None,
             sequence: 0,
+            buf: Vec::new(),
         })
     }
 
@@ -536,11 +553,19 @@ impl<'g> Snapshotter<'g> {
         let all = fresh_bitmaps(&self.blocks, true);
         let live_pages = count(&all);
         copy_to_mapped_ram(guest, &w, &all)?;
+        // A second live pass over what the guest dirtied during the first; the final pass
+        // should see about as many pages again, so the buffer for it is sized (and faulted
+        // in) now, while the guest runs.
+        let second = fetch_dirty(guest, &self.blocks)?;
+        let expect = count(&second);
+        copy_to_mapped_ram(guest, &w, &second)?;
+        let live_pages = live_pages + expect;
+        let buf = self.take_buf(expect);
         let was = self.stop()?;
         let p0 = Instant::now();
         let r = (|| {
             let dirty = fetch_dirty(guest, &self.blocks)?;
-            let copied = copy_out(guest, &dirty)?;
+            let copied = copy_out(guest, &dirty, buf)?;
             let devices = guest.device_states()?;
             Ok::<_, SnapshotError>((copied, devices))
         })();
@@ -554,7 +579,7 @@ impl<'g> Snapshotter<'g> {
             w.write_page(b, p * PAGE_SIZE as u64, copied.page(i))
                 .map(|_| ())
         })?;
-        drop(copied);
+        self.buf = copied.data;
         let id = SnapshotId::new();
         finish_full(w, file, tmp, path, &devices, id, 0)?;
         if let Some(c) = &mut self.cache {
@@ -659,15 +684,18 @@ impl<'g> Snapshotter<'g> {
         };
         let guest = self.guest;
         let r = (|| {
-            let live = copy_out(guest, &fetch_dirty(guest, &self.blocks)?)?;
+            let buf = self.take_buf(0);
+            let live = copy_out(guest, &fetch_dirty(guest, &self.blocks)?, buf)?;
             st.live_pages = live.index.len() as u64;
             self.encode(&mut b, &live, &mut st)?;
-            drop(live);
+            self.buf = live.data;
+            // The final pass sees at most about what the live one did: size the buffer now.
+            let buf = self.take_buf(st.live_pages);
             let was = self.stop()?;
             let p0 = Instant::now();
             let r = (|| {
                 let dirty = fetch_dirty(guest, &self.blocks)?;
-                let copied = copy_out(guest, &dirty)?;
+                let copied = copy_out(guest, &dirty, buf)?;
                 Ok::<_, SnapshotError>((copied, guest.device_states()?))
             })();
             let resumed = self.resume(was);
@@ -676,6 +704,7 @@ impl<'g> Snapshotter<'g> {
             resumed?;
             st.final_pages = copied.index.len() as u64;
             self.encode(&mut b, &copied, &mut st)?;
+            self.buf = copied.data;
             let bytes = b.finish(&devices);
             st.file_bytes = bytes.len() as u64;
             st.disk_bytes = st.file_bytes;
