@@ -88,7 +88,7 @@ def save(args, out, transcript, info):
 
 
 def load(args, out, transcript, info):
-    proc, sock, cmd = run_qemu(args, out, "load", ["-S", "-incoming", "defer"])
+    proc, sock, cmd = run_qemu(args, out, "load", ["-S", "-incoming", "defer", "-serial", "null"])
     info["load_cmd"] = cmd
     result = {"file": args.load}
     try:

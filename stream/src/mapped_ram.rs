@@ -839,6 +839,19 @@ impl Layout {
     /// [`WriteError::BadBlocks`] (no blocks, zero or unaligned length,
     /// duplicate name, sizes that overflow).
     pub fn new(machine_type: &str, blocks: &[RamBlockInfo]) -> Result<Self, WriteError> {
+        Self::with_ram_section_id(machine_type, blocks, 0)
+    }
+
+    /// As [`Layout::new`], with the `ram` section given id `ram_section_id` (QEMU numbers
+    /// its sections by registration order; a stream tail taken from QEMU refers to its id).
+    ///
+    /// # Errors
+    /// As [`Layout::new`].
+    pub fn with_ram_section_id(
+        machine_type: &str,
+        blocks: &[RamBlockInfo],
+        ram_section_id: u32,
+    ) -> Result<Self, WriteError> {
         let name_ok = |what: &'static str, n: &str| {
             if n.is_empty() || n.len() > MAX_NAME_LEN {
                 Err(WriteError::BadName {
@@ -854,7 +867,6 @@ impl Layout {
         if blocks.is_empty() {
             return Err(WriteError::BadBlocks { why: "no blocks" });
         }
-        let ram_section_id = 0u32;
         let mut head = Vec::new();
         head.extend_from_slice(&FILE_MAGIC.to_be_bytes());
         head.extend_from_slice(&FILE_VERSION.to_be_bytes());
@@ -1006,7 +1018,14 @@ impl<'f> MappedRamWriter<'f> {
         machine_type: &str,
         blocks: &[RamBlockInfo],
     ) -> Result<Self, WriteError> {
-        let layout = Layout::new(machine_type, blocks)?;
+        Self::with_layout(file, Layout::new(machine_type, blocks)?)
+    }
+
+    /// Starts a file with a given layout (see [`Layout::with_ram_section_id`]).
+    ///
+    /// # Errors
+    /// [`WriteError::Io`].
+    pub fn with_layout(file: &'f File, layout: Layout) -> Result<Self, WriteError> {
         file.set_len(0).map_err(wio)?;
         for (off, bytes) in &layout.pieces {
             file.write_all_at(bytes, *off).map_err(wio)?;
@@ -1132,6 +1151,17 @@ impl<'f> MappedRamWriter<'f> {
     /// # Errors
     /// The errors of [`Layout::tail`]; [`WriteError::Io`].
     pub fn finish(self, sections: &[(&str, u32, u32, &[u8])]) -> Result<u64, WriteError> {
+        let tail = self.layout.tail(sections)?;
+        self.finish_with_tail(&tail)
+    }
+
+    /// Writes the bitmaps, then `tail` as the stream bytes after the page regions (e.g.
+    /// the bytes QEMU wrote after its RAM: EOS, ram PART/END, device sections, EOF, VM
+    /// description), sets the file length and fsyncs. Returns the file length.
+    ///
+    /// # Errors
+    /// [`WriteError::Io`].
+    pub fn finish_with_tail(self, tail: &[u8]) -> Result<u64, WriteError> {
         for ((_, header), words) in self.layout.blocks.iter().zip(&self.bitmaps) {
             let mut raw = Vec::with_capacity(words.len() * 8);
             for w in words {
@@ -1141,9 +1171,8 @@ impl<'f> MappedRamWriter<'f> {
                 .write_all_at(&raw, header.bitmap_offset)
                 .map_err(wio)?;
         }
-        let tail = self.layout.tail(sections)?;
         self.file
-            .write_all_at(&tail, self.layout.ram_end)
+            .write_all_at(tail, self.layout.ram_end)
             .map_err(wio)?;
         let len = self.layout.ram_end + tail.len() as u64;
         self.file.set_len(len).map_err(wio)?;

@@ -120,6 +120,87 @@ fn fresh_qemu10_file_parses_to_the_expected_ram() {
     check_against_expected(&std::fs::read(&bin).unwrap(), &expected);
 }
 
+/// Where QEMU 10 is, or `None` after a `SKIPPED` line (a failure under
+/// `PRECOPY_REQUIRE_QEMU10`).
+fn qemu10_or_skip(test: &str) -> Option<String> {
+    let qemu = std::env::var("PRECOPY_QEMU10").unwrap_or_else(|_| QEMU10.to_owned());
+    let have_python = Command::new("python3").arg("--version").output().is_ok();
+    if Path::new(&qemu).exists() && have_python {
+        return Some(qemu);
+    }
+    let why = format!("QEMU 10 at {qemu} or python3 missing (scripts/qemu-newer.sh installs it)");
+    if std::env::var_os("PRECOPY_REQUIRE_QEMU10").is_some() {
+        panic!("FAILED {test}: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    None
+}
+
+/// RAM written by our writer, followed by QEMU's own stream tail (its device state for its
+/// own machine), loads in QEMU 10 and gives QEMU the same RAM (pmemsave of both guests).
+/// What QEMU needs from a file: its machine type, its exact RAM block list, its ram section
+/// id and valid device sections for that machine, which only QEMU can write.
+#[test]
+fn precopy_written_ram_with_qemus_device_state_loads_in_qemu10() {
+    let Some(qemu) = qemu10_or_skip("precopy_written_ram_with_qemus_device_state_loads_in_qemu10")
+    else {
+        return;
+    };
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/qemu-vectors/mapped_ram.py");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let st = Command::new("python3")
+        .arg(&script)
+        .args(["--out", d, "--qemu", &qemu, "--run-seconds", "1"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let theirs = std::fs::File::open(dir.path().join("qemu-mapped-ram.bin")).unwrap();
+    let m = MappedRamFile::parse(&theirs, &Limits::default()).unwrap();
+    let layout = precopy_stream::mapped_ram::Layout::with_ram_section_id(
+        &m.machine_type,
+        &m.block_infos(),
+        m.ram_section_id,
+    )
+    .unwrap();
+    let ours_path = dir.path().join("precopy-mapped-ram.bin");
+    let ours = std::fs::File::create(&ours_path).unwrap();
+    let w = MappedRamWriter::with_layout(&ours, layout).unwrap();
+    for (i, b) in m.blocks.iter().enumerate() {
+        let mut ram = vec![0u8; b.info.used_length as usize];
+        m.read_block(&theirs, i, &mut ram).unwrap();
+        w.write_pages(i, 0, &ram).unwrap();
+    }
+    let mut tail = vec![0u8; (m.file_len - m.ram_end) as usize];
+    precopy_stream::mapped_ram::ReadAt::read_exact_at(&theirs, &mut tail, m.ram_end).unwrap();
+    w.finish_with_tail(&tail).unwrap();
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([
+            "--out",
+            d,
+            "--qemu",
+            &qemu,
+            "--load",
+            ours_path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "QEMU refused precopy's file: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let a = std::fs::read(dir.path().join("ram.pmem")).unwrap();
+    let b = std::fs::read(dir.path().join("loaded.pmem")).unwrap();
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a[..0xa0000] == b[..0xa0000] && a[0x100000..] == b[0x100000..],
+        "RAM differs"
+    );
+}
+
 fn page_of(seed: u64, zero: bool) -> [u8; PAGE_SIZE] {
     let mut p = [0u8; PAGE_SIZE];
     if !zero {
