@@ -127,7 +127,7 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--qemu", default="/opt/qemu-newer/usr/bin/qemu-system-x86_64")
-    ap.add_argument("--bios-dir", default="/opt/qemu-newer/usr/share/qemu", help="passed as -L")
+    ap.add_argument("--bios-dir", help="passed as -L (default: share/qemu beside the binary's bin/)")
     ap.add_argument("--guest", help="folder with vmlinuz and initrd.gz (build_guest.sh); "
                                     "without it only the firmware runs")
     ap.add_argument("--machine", default="pc")
@@ -136,6 +136,9 @@ def main():
     ap.add_argument("--multifd", action="store_true")
     ap.add_argument("--load", help="a mapped-ram file for a fresh QEMU to load (skips saving)")
     args = ap.parse_args()
+    if args.bios_dir is None:
+        guess = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.qemu))), "share", "qemu")
+        args.bios_dir = guess if os.path.isdir(guess) else None
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     info = {"args": vars(args)}
