@@ -669,8 +669,10 @@ impl<'g> Snapshotter<'g> {
     ///
     /// # Errors
     /// [`SnapshotError::NoBase`] before a full snapshot; guest and I/O errors (the guest is
-    /// resumed, nothing is left at `path`, and the chain is unchanged: the next diff still
-    /// applies onto the previous snapshot, though the cache is cleared).
+    /// resumed and nothing is left at `path`). The pages of a failed diff are already gone
+    /// from the dirty log, so no later diff could rebuild them: after an error the
+    /// snapshotter has no base (the next `diff` is [`SnapshotError::NoBase`]) until the next
+    /// [`Snapshotter::full`].
     pub fn diff(&mut self, path: &Path) -> Result<SnapshotStats, SnapshotError> {
         let t0 = Instant::now();
         let parent = self.last.ok_or(SnapshotError::NoBase)?;
