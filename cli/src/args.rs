@@ -95,6 +95,10 @@ pub(crate) struct MigrateArgs {
     /// Capability x-parallel-encoding (ours): encode on a thread pool.
     #[arg(long, value_enum, default_value = "off")]
     pub(crate) parallel_encoding: OnOff,
+    /// Capability mapped-ram (QEMU ≥ 9.0): with --to file:PATH, write QEMU's mapped-ram
+    /// file layout (pages at fixed offsets, zero pages as holes; see `precopy inspect`).
+    #[arg(long, value_enum, default_value = "off")]
+    pub(crate) mapped_ram: OnOff,
     /// Give up (failed) after this many dirty-bitmap syncs without converging. It counts
     /// bitmap syncs (QEMU's "dirty sync count", one at the start of each pass over RAM),
     /// not seconds; with a tiny --max-bandwidth one pass can take very long.

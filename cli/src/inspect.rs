@@ -396,6 +396,9 @@ fn render_text(r: &Report) -> String {
 
 /// `precopy inspect`. Exit status 1 on any error (printed with its stream byte offset).
 pub(crate) fn run(args: InspectArgs) -> ExitCode {
+    if let Some(code) = crate::mapped_ram::inspect(&args) {
+        return code;
+    }
     match inspect(&args) {
         Ok(report) if args.json => match serde_json::to_string_pretty(&report) {
             Ok(s) => emit(WHO, &(s + "\n")),
