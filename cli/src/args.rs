@@ -182,14 +182,11 @@ pub(crate) struct RelayArgs {
     /// defer` and `migrate-incoming`): tcp:, unix:, file: or exec:.
     #[arg(long)]
     pub(crate) to: String,
-    /// Re-encode pages with XBZRLE against the relay's own cache (the relay's choice,
-    /// whatever the source uses).
+    /// Re-encode re-sent pages with XBZRLE against their previous content, which the
+    /// relay holds for the whole RAM (the relay's choice, whatever the source uses; no
+    /// cache size: the relay's copy of the RAM is the cache).
     #[arg(long, value_enum, default_value = "off")]
     pub(crate) xbzrle: OnOff,
-    /// The relay's XBZRLE cache size, bytes (suffixes K, M, G, T), as QEMU's
-    /// `xbzrle-cache-size`.
-    #[arg(long, value_parser = parse_size, default_value = "64M")]
-    pub(crate) xbzrle_cache_size: u64,
     /// Largest RAM the source's stream may declare (MEM_SIZE), bytes (suffixes K, M, G, T).
     #[arg(long, value_parser = parse_size, default_value = "16G")]
     pub(crate) max_ram: u64,
