@@ -54,6 +54,7 @@ max_len() {
         xbzrle_*) echo 8192 ;;
         zero_diff) echo 4096 ;;
         stream_*) echo 65536 ;;
+        mapped_ram_*) echo 65536 ;;
         *) echo 4096 ;;
     esac
 }

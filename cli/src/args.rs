@@ -95,6 +95,10 @@ pub(crate) struct MigrateArgs {
     /// Capability x-parallel-encoding (ours): encode on a thread pool.
     #[arg(long, value_enum, default_value = "off")]
     pub(crate) parallel_encoding: OnOff,
+    /// Capability mapped-ram (QEMU ≥ 9.0): with --to file:PATH, write QEMU's mapped-ram
+    /// file layout (pages at fixed offsets, zero pages as holes; see `precopy inspect`).
+    #[arg(long, value_enum, default_value = "off")]
+    pub(crate) mapped_ram: OnOff,
     /// Give up (failed) after this many dirty-bitmap syncs without converging. It counts
     /// bitmap syncs (QEMU's "dirty sync count", one at the start of each pass over RAM),
     /// not seconds; with a tiny --max-bandwidth one pass can take very long.
@@ -178,14 +182,11 @@ pub(crate) struct RelayArgs {
     /// defer` and `migrate-incoming`): tcp:, unix:, file: or exec:.
     #[arg(long)]
     pub(crate) to: String,
-    /// Re-encode pages with XBZRLE against the relay's own cache (the relay's choice,
-    /// whatever the source uses).
+    /// Re-encode re-sent pages with XBZRLE against their previous content, which the
+    /// relay holds for the whole RAM (the relay's choice, whatever the source uses; no
+    /// cache size: the relay's copy of the RAM is the cache).
     #[arg(long, value_enum, default_value = "off")]
     pub(crate) xbzrle: OnOff,
-    /// The relay's XBZRLE cache size, bytes (suffixes K, M, G, T), as QEMU's
-    /// `xbzrle-cache-size`.
-    #[arg(long, value_parser = parse_size, default_value = "64M")]
-    pub(crate) xbzrle_cache_size: u64,
     /// Largest RAM the source's stream may declare (MEM_SIZE), bytes (suffixes K, M, G, T).
     #[arg(long, value_parser = parse_size, default_value = "16G")]
     pub(crate) max_ram: u64,

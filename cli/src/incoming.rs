@@ -17,6 +17,9 @@ use crate::save_ram::{SavedBlock, save_ram};
 /// `precopy incoming URI`. Exit status 1 when nothing was received, the stream was bad or
 /// unverified, or the guest could not be loaded or failed its check.
 pub(crate) fn run(args: IncomingArgs) -> ExitCode {
+    if let Some(code) = crate::mapped_ram::incoming(&args) {
+        return code;
+    }
     args.guest.incoming(&args)
 }
 

@@ -46,6 +46,8 @@ struct Sections {
     ram_end: u64,
     footers: u64,
     precopy_device: u64,
+    /// `MIG_CMD_SWITCHOVER_START` commands (QEMU 10.0).
+    switchover_start: u64,
 }
 
 #[derive(Serialize)]
@@ -256,6 +258,7 @@ fn inspect(args: &InspectArgs) -> Result<Report, Failure> {
             ram_end: s.ram_end,
             footers: s.footers,
             precopy_device: s.device_sections.count,
+            switchover_start: s.switchover_start,
         },
         blocks,
         records: records(|k| k.count, s),
@@ -300,12 +303,16 @@ fn render_text(r: &Report) -> String {
     );
     put!(
         o,
-        "sections: ram START {}, PART {}, END {}; footers {}; precopy device sections {}",
+        "sections: ram START {}, PART {}, END {}; footers {}; precopy device sections {}{}",
         r.sections.ram_start,
         r.sections.ram_part,
         r.sections.ram_end,
         r.sections.footers,
-        r.sections.precopy_device
+        r.sections.precopy_device,
+        match r.sections.switchover_start {
+            0 => String::new(),
+            n => format!("; switchover-start commands {n}"),
+        }
     );
     let total: u64 = r.blocks.iter().map(|b| b.length).sum();
     put!(o, "RAM blocks: {} ({} bytes)", r.blocks.len(), total);
@@ -389,6 +396,9 @@ fn render_text(r: &Report) -> String {
 
 /// `precopy inspect`. Exit status 1 on any error (printed with its stream byte offset).
 pub(crate) fn run(args: InspectArgs) -> ExitCode {
+    if let Some(code) = crate::mapped_ram::inspect(&args) {
+        return code;
+    }
     match inspect(&args) {
         Ok(report) if args.json => match serde_json::to_string_pretty(&report) {
             Ok(s) => emit(WHO, &(s + "\n")),

@@ -17,12 +17,14 @@ mod guest_kind;
 mod incoming;
 mod inspect;
 mod kvm_guest;
+mod mapped_ram;
 mod migrate;
 mod progress;
 mod relay;
 mod report;
 mod save_ram;
 mod size;
+mod snapshot;
 
 /// Live migration of guest memory, QEMU-compatible.
 #[derive(Parser)]
@@ -43,6 +45,8 @@ enum Command {
     /// Forward a migration from a QEMU source to a QEMU destination, re-encoding its RAM
     /// (zero pages, XBZRLE with the relay's own cache).
     Relay(args::RelayArgs),
+    /// Incremental memory snapshots: take (simulated guest), restore, merge.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,5 +56,6 @@ fn main() -> ExitCode {
         Command::Incoming(args) => incoming::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Relay(args) => relay::run(args),
+        Command::Snapshot(args) => snapshot::run(args),
     }
 }

@@ -47,6 +47,9 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
     if let Some(Err(e)) = args.to.as_deref().map(str::parse::<MigrationUri>) {
         return Err(e.to_string());
     }
+    if args.mapped_ram.on() {
+        return crate::mapped_ram::migrate(args);
+    }
     args.guest.migrate(args)
 }
 

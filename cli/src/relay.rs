@@ -19,7 +19,6 @@ use crate::report::{ERROR_KEY, kib};
 pub(crate) fn run(args: RelayArgs) -> ExitCode {
     let opts = RelayOptions {
         xbzrle: args.xbzrle.on(),
-        xbzrle_cache_size: args.xbzrle_cache_size,
         limits: Limits {
             max_ram_bytes: args.max_ram,
             ..Limits::default()
@@ -110,7 +109,7 @@ fn report(args: &RelayArgs, r: Outcome) -> ExitCode {
         );
         if args.xbzrle.on() {
             println!(
-                "xbzrle: {} cache misses, {} overflows, {} kbytes",
+                "xbzrle: {} first sends (whole), {} overflows, {} kbytes",
                 stats.xbzrle_cache_miss,
                 stats.xbzrle_overflow,
                 kib(stats.xbzrle_bytes)

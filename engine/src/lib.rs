@@ -12,6 +12,7 @@
 //! | [`vmdesc`] | the RAM digest and the VM description, used by both sides |
 //! | [`transport`] | URIs ([`MigrationUri`]), the source's sinks ([`MigrationSink`], [`Outgoing`]) and the destination's [`IncomingListener`] |
 //! | [`guest`] | the VMM boundary: implement [`GuestRam`], [`DirtyLog`], [`VcpuControl`] and [`Throttle`] for your guest; [`SimGuest`] (a complete example), `guest::kvm` (feature `kvm`: a real KVM guest, also at `precopy_engine::kvm`), [`Hooked`] (a guest with a sync hook, for tests and benches) |
+//! | [`snapshot`] | full (mapped-ram) and incremental diff snapshots of a running guest: [`snapshot::Snapshotter`], chain restore and merge |
 //! | [`policy`] | the estimator, the switchover predicate and auto-converge as pure functions |
 //! | [`params`], [`info`] | QEMU's parameter and `query-migrate` names |
 //!
@@ -59,6 +60,7 @@ pub mod migrator;
 pub mod params;
 pub mod policy;
 pub mod relay;
+pub mod snapshot;
 pub mod source;
 pub mod transport;
 pub mod vmdesc;

@@ -6,21 +6,28 @@
 //! - the file header, the configuration section, every section header and footer, the
 //!   MEM_SIZE and EOS records, and our own device sections are forwarded byte for byte;
 //! - every page record (ZERO, PAGE, XBZRLE) is decoded onto the relay's own copy of the
-//!   RAM (a [`Loader`] over a [`RamImage`](precopy_stream::RamImage), with all of the reader's checks) and written
-//!   again by our encoder ([`Encoder::page_records_only`]): a ZERO record for a zero page;
-//!   with XBZRLE on (the relay's choice, independent of the source's), an XBZRLE record
-//!   against the relay's own XBZRLE cache on a cache hit, nothing for a page equal to its
-//!   cached copy (the destination already has it), a PAGE on a cache miss or an overflow;
-//!   a PAGE otherwise;
+//!   RAM (a [`Loader`] over a [`RamImage`](precopy_stream::RamImage), with all of the
+//!   reader's checks) and written again by our encoder ([`Encoder::page_records_only`]): a
+//!   ZERO record for a zero page; with XBZRLE on (the relay's choice, independent of the
+//!   source's), for a page the relay has sent before, an XBZRLE record against the page's
+//!   previous content, or nothing when the content did not change; a PAGE otherwise (first
+//!   send, XBZRLE off, or a delta that does not fit a page);
 //! - QEMU's device state after the RAM, EOF and the VM description are read to the end of
 //!   the source's stream, checked to be complete ([`split_device_state`]), and forwarded
 //!   unchanged.
 //!
-//! The relay's XBZRLE cache follows the rules of the engine's source: the cache holds what
-//! the destination has for each cached page (a zero page is inserted as such, a miss
-//! inserts the page sent, an XBZRLE encode updates the cached copy); the generation is the
-//! number of `ram` sections forwarded, and in the END section (the source's guest is
-//! stopped) nothing is inserted any more.
+//! The relay's XBZRLE "cache" is its copy of the RAM itself. The relay forwards every page
+//! record either with the same content or not at all when the content is unchanged, so
+//! after every record the destination holds, for every page the relay has sent, exactly
+//! the content of the relay's copy before the next record for that page is applied: the
+//! page's previous content is the destination's copy, always, whatever the RAM size. That
+//! is QEMU's XBZRLE with a cache as large as the RAM and never a miss on a re-sent page,
+//! at no memory cost beyond the copy the relay needs anyway to decode the source's own
+//! XBZRLE records. (A first version used a separate `xbzrle-cache-size` cache: with it the
+//! relay re-sent as PAGE what the source had sent as XBZRLE, and wrote up to 44 % more
+//! than it read on the QEMU vectors' stream.) A page never sent in this migration is sent
+//! whole, since the destination's initial content (its own firmware, for ROM blocks) is
+//! not known to the relay.
 //!
 //! Flow control is the sockets': one thread, blocking reads and writes, at most
 //! [`OUT_BUFFER`] bytes buffered, so a slow destination slows the source. Any error ends
@@ -32,10 +39,8 @@
 use std::io::{self, Read, Write};
 use std::time::Instant;
 
-use precopy_pagecache::{CacheError, PageCache, Policy};
 use precopy_stream::{
-    Encoder, Item, Limits, Loader, RamRecord, SectionKind, StopReason, StreamReader,
-    split_device_state,
+    Encoder, Item, Limits, Loader, RamRecord, StopReason, StreamReader, split_device_state,
 };
 use xbzrle::{Codec, PAGE_SIZE, Page};
 
@@ -45,21 +50,18 @@ pub const OUT_BUFFER: usize = 256 * 1024;
 /// What the relay does with the RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RelayOptions {
-    /// Re-encode pages with XBZRLE against the relay's own cache (QEMU's `xbzrle`
-    /// capability, on the relay's side of the link).
+    /// Re-encode re-sent pages with XBZRLE against their previous content (QEMU's `xbzrle`
+    /// capability, on the relay's side of the link; see the [module docs](self)).
     pub xbzrle: bool,
-    /// The relay's XBZRLE cache size in bytes (QEMU's `xbzrle-cache-size`).
-    pub xbzrle_cache_size: u64,
     /// Limits on what the source's stream may declare.
     pub limits: Limits,
 }
 
 impl Default for RelayOptions {
-    /// XBZRLE off, a 64 MiB cache (QEMU's default `xbzrle-cache-size`), default limits.
+    /// XBZRLE off, default limits.
     fn default() -> Self {
         RelayOptions {
             xbzrle: false,
-            xbzrle_cache_size: 64 << 20,
             limits: Limits::default(),
         }
     }
@@ -75,8 +77,8 @@ pub struct PageCounts {
     pub normal: u64,
     /// XBZRLE records.
     pub xbzrle: u64,
-    /// Pages not sent: equal to the relay's cached copy, so the destination has them
-    /// (out only; QEMU's XBZRLE skips them the same way).
+    /// Pages not sent: equal to their previous content, so the destination has them
+    /// (out only, with XBZRLE on; QEMU's XBZRLE skips them the same way).
     pub skipped: u64,
 }
 
@@ -94,7 +96,8 @@ pub struct RelayStats {
     pub pages_out: PageCounts,
     /// XBZRLE encodes that did not fit a page (sent as PAGE).
     pub xbzrle_overflow: u64,
-    /// XBZRLE cache lookups that missed.
+    /// Pages sent for the first time in this migration with XBZRLE on (sent whole: the
+    /// destination has no copy to encode against; QEMU would count a cache miss).
     pub xbzrle_cache_miss: u64,
     /// Bytes of XBZRLE records written (headers included).
     pub xbzrle_bytes: u64,
@@ -137,9 +140,6 @@ pub enum RelayError {
         #[source]
         source: io::Error,
     },
-    /// The relay's XBZRLE cache could not be set up.
-    #[error("relay: XBZRLE cache: {0}")]
-    Cache(#[from] CacheError),
     /// The relay's encoder refused a record (a bug, or a block list it cannot write).
     #[error("relay: encoding a record at source offset {offset}: {source}")]
     Encode {
@@ -157,7 +157,7 @@ impl RelayError {
         match self {
             RelayError::Source(_) => Some(RelaySide::Source),
             RelayError::Destination { .. } => Some(RelaySide::Destination),
-            RelayError::Cache(_) | RelayError::Encode { .. } => None,
+            RelayError::Encode { .. } => None,
         }
     }
 }
@@ -208,22 +208,47 @@ impl<W: Write> Out<W> {
     }
 }
 
-/// The relay's RAM state: its copy of the RAM (through the loader), its encoder and cache.
+/// The relay's RAM state: its copy of the RAM (through the loader) and its encoder.
 struct Ram {
     loader: Loader,
     codec: Codec,
+    xbzrle: bool,
     encoder: Option<Encoder>,
-    /// Flat address of each block's first byte (the XBZRLE cache key space).
+    /// Flat page index of each block's first page.
     bases: Vec<u64>,
-    cache: Option<PageCache>,
-    generation: u64,
-    last_stage: bool,
+    /// One bit per page (flat index): sent in this migration, so the destination holds
+    /// the relay's copy of it.
+    sent: Vec<u64>,
+    /// The current record's page before the record was applied.
+    old: Box<Page>,
+    /// Whether `old` holds that page (false for non-page items).
+    old_valid: bool,
     delta: Box<Page>,
 }
 
-static ZERO_PAGE: Page = [0; PAGE_SIZE];
+/// Block and page offset of a page record.
+fn page_of(rec: &RamRecord<'_>) -> Option<(usize, u64)> {
+    match *rec {
+        RamRecord::Zero { block, offset, .. }
+        | RamRecord::Page { block, offset, .. }
+        | RamRecord::Xbzrle { block, offset, .. } => Some((block, offset)),
+        _ => None,
+    }
+}
 
 impl Ram {
+    /// Before a page record is applied: keep the page's current content.
+    fn keep_old(&mut self, item: &Item<'_>) {
+        self.old_valid = false;
+        if let Item::Ram(rec) = item
+            && let Some((block, page)) = page_of(rec)
+            && let Some(p) = self.loader.image().page(block, page)
+        {
+            self.old.copy_from_slice(p);
+            self.old_valid = true;
+        }
+    }
+
     /// Re-encodes the page record `rec` (already applied to the RAM) into `out`.
     fn reencode<W: Write>(
         &mut self,
@@ -232,11 +257,8 @@ impl Ram {
         out: &mut Out<W>,
         stats: &mut RelayStats,
     ) -> Result<(), RelayError> {
-        let (block, page) = match *rec {
-            RamRecord::Zero { block, offset, .. }
-            | RamRecord::Page { block, offset, .. }
-            | RamRecord::Xbzrle { block, offset, .. } => (block, offset),
-            _ => return Ok(()),
+        let Some((block, page)) = page_of(rec) else {
+            return Ok(());
         };
         match rec {
             RamRecord::Zero { .. } => stats.pages_in.zero += 1,
@@ -250,48 +272,38 @@ impl Ram {
             // The loader checked the record against MEM_SIZE, so both exist.
             return Err(enc_err(precopy_stream::WriteError::NoSuchBlock { block }));
         };
-        let addr = self.bases.get(block).copied().unwrap_or(0) + page;
+        let index = self.bases.get(block).copied().unwrap_or(0) + page / PAGE_SIZE as u64;
+        let (word, bit) = ((index / 64) as usize, 1u64 << (index % 64));
+        let sent_before = self.sent.get(word).is_some_and(|w| w & bit != 0);
+        if let Some(w) = self.sent.get_mut(word) {
+            *w |= bit;
+        }
         let before = out.buf.len();
         if self.codec.is_zero(data) {
-            if let Some(c) = self.cache.as_mut()
-                && !self.last_stage
-            {
-                let _ = c.insert(addr, &ZERO_PAGE, self.generation);
-            }
             enc.zero_page(&mut out.buf, block, page).map_err(enc_err)?;
             stats.pages_out.zero += 1;
-        } else if let Some(c) = self.cache.as_mut() {
-            match c.lookup(addr, self.generation) {
-                Some(cached) => {
-                    match self.codec.encode_and_update(
-                        cached,
-                        data,
-                        &mut self.delta[..PAGE_SIZE - 1],
-                    ) {
-                        Ok(0) => stats.pages_out.skipped += 1,
-                        Ok(n) => {
-                            enc.xbzrle_page(&mut out.buf, block, page, &self.delta[..n])
-                                .map_err(enc_err)?;
-                            stats.pages_out.xbzrle += 1;
-                            stats.xbzrle_bytes += (out.buf.len() - before) as u64;
-                        }
-                        Err(_) => {
-                            stats.xbzrle_overflow += 1;
-                            enc.page(&mut out.buf, block, page, data).map_err(enc_err)?;
-                            stats.pages_out.normal += 1;
-                        }
-                    }
+        } else if self.xbzrle && sent_before && self.old_valid {
+            match self
+                .codec
+                .encode(&self.old, data, &mut self.delta[..PAGE_SIZE - 1])
+            {
+                Ok(0) => stats.pages_out.skipped += 1,
+                Ok(n) => {
+                    enc.xbzrle_page(&mut out.buf, block, page, &self.delta[..n])
+                        .map_err(enc_err)?;
+                    stats.pages_out.xbzrle += 1;
+                    stats.xbzrle_bytes += (out.buf.len() - before) as u64;
                 }
-                None => {
-                    stats.xbzrle_cache_miss += 1;
-                    if !self.last_stage {
-                        let _ = c.insert(addr, data, self.generation);
-                    }
+                Err(_) => {
+                    stats.xbzrle_overflow += 1;
                     enc.page(&mut out.buf, block, page, data).map_err(enc_err)?;
                     stats.pages_out.normal += 1;
                 }
             }
         } else {
+            if self.xbzrle {
+                stats.xbzrle_cache_miss += 1;
+            }
             enc.page(&mut out.buf, block, page, data).map_err(enc_err)?;
             stats.pages_out.normal += 1;
         }
@@ -310,7 +322,7 @@ impl Ram {
 /// truncated (the source died), over `options.limits`, or holds what the relay cannot
 /// re-encode (postcopy commands, compressed pages, a device section before the RAM's
 /// END); [`RelayError::Destination`] when a write fails (the destination refused or
-/// died); [`RelayError::Cache`] when the cache size is invalid. Nothing after the failing
+/// died). Nothing after the failing
 /// item is written.
 pub fn relay<R: Read, W: Write>(
     source: R,
@@ -350,16 +362,10 @@ fn run<R: Read, W: Write>(
         codec: Codec::new(),
         encoder: None,
         bases: Vec::new(),
-        cache: if options.xbzrle {
-            Some(PageCache::new(
-                options.xbzrle_cache_size,
-                Policy::default(),
-            )?)
-        } else {
-            None
-        },
-        generation: 0,
-        last_stage: false,
+        xbzrle: options.xbzrle,
+        sent: Vec::new(),
+        old: Box::new([0; PAGE_SIZE]),
+        old_valid: false,
         delta: Box::new([0; PAGE_SIZE]),
     };
     // The header of QEMU's first device section, as read: forwarded with the rest.
@@ -367,6 +373,7 @@ fn run<R: Read, W: Write>(
     loop {
         let step = reader
             .next_raw_with(|offset, item, raw| -> Result<bool, RelayError> {
+                ram.keep_old(item);
                 let control = ram
                     .loader
                     .apply(offset, item, raw.len())
@@ -382,19 +389,20 @@ fn run<R: Read, W: Write>(
                             .iter()
                             .scan(0u64, |base, b| {
                                 let at = *base;
-                                *base += b.used_length;
+                                *base += b.used_length / PAGE_SIZE as u64;
                                 Some(at)
                             })
                             .collect();
+                        let pages: u64 = blocks
+                            .iter()
+                            .map(|b| b.used_length / PAGE_SIZE as u64)
+                            .sum();
+                        ram.sent = vec![0; pages.div_ceil(64) as usize];
                         ram.encoder = Some(Encoder::page_records_only(blocks));
                         out.push(raw)?;
                     }
-                    Item::Section(h) => {
+                    Item::Section(_) => {
                         stats.ram_sections += 1;
-                        ram.generation += 1;
-                        if h.kind == SectionKind::End {
-                            ram.last_stage = true;
-                        }
                         out.push(raw)?;
                     }
                     // Forwarded with the rest of the stream, once that is known complete.

@@ -63,7 +63,7 @@ pub fn image_digest<T: RamTarget + ?Sized>(image: &T) -> String {
 }
 
 /// Feed one block header into a RAM digest.
-fn digest_block_header(h: &mut blake3::Hasher, name: &str, used_length: u64) {
+pub(crate) fn digest_block_header(h: &mut blake3::Hasher, name: &str, used_length: u64) {
     h.update(&[name.len() as u8]);
     h.update(name.as_bytes());
     h.update(&used_length.to_be_bytes());

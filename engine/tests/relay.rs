@@ -45,7 +45,6 @@ fn our_stream(xbzrle: bool) -> Vec<u8> {
 fn opts(xbzrle: bool) -> RelayOptions {
     RelayOptions {
         xbzrle,
-        xbzrle_cache_size: 4 << 20,
         ..RelayOptions::default()
     }
 }
@@ -71,7 +70,15 @@ fn relayed_streams_of_ours_verify_at_the_destination() {
                 sent + st.pages_out.skipped,
                 st.pages_in.zero + st.pages_in.normal + st.pages_in.xbzrle
             );
-            if !relay_xbzrle {
+            if relay_xbzrle {
+                // Every page the source re-sent goes out as XBZRLE, skipped, zero or an
+                // overflow: never whole again.
+                assert_eq!(
+                    st.pages_out.normal,
+                    st.xbzrle_cache_miss + st.xbzrle_overflow,
+                    "{st:?}"
+                );
+            } else {
                 assert_eq!(st.pages_out.xbzrle + st.pages_out.skipped, 0);
             }
             println!(
@@ -176,6 +183,12 @@ fn relayed_qemu_streams_load_to_the_same_ram_and_keep_the_device_state() {
             assert_eq!(dev_in.bytes, dev_out.bytes, "{name}: device state");
             assert_eq!(want.vm_description, got.vm_description);
             assert_eq!(st.device_sections, dev_in.sections.len() as u64);
+            if relay_xbzrle && name.starts_with("xbzrle") {
+                // The relay encodes every re-sent page against its exact previous content;
+                // QEMU's 16 MiB cache missed some: the relay writes less than it reads.
+                assert!(st.pages_out.xbzrle > st.pages_in.xbzrle, "{st:?}");
+                assert!(st.bytes_out < st.bytes_in, "{st:?}");
+            }
             // Everything before the RAM data is forwarded unchanged.
             let first_page_record = 18 + 8; // header and configuration at least
             assert_eq!(out[..first_page_record], input[..first_page_record]);
@@ -239,20 +252,4 @@ fn a_failing_destination_is_a_destination_error() {
         "{}",
         f.error
     );
-}
-
-#[test]
-fn a_bad_cache_size_is_refused_before_reading() {
-    let f = relay(
-        &b"QEVM"[..],
-        Vec::new(),
-        &RelayOptions {
-            xbzrle: true,
-            xbzrle_cache_size: 1,
-            ..RelayOptions::default()
-        },
-    )
-    .unwrap_err();
-    assert!(matches!(f.error, RelayError::Cache(_)), "{}", f.error);
-    assert_eq!(f.error.side(), None);
 }

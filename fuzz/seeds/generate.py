@@ -14,6 +14,7 @@ fuzzer's corpus (fuzz/corpus, git-ignored) grows from these.
 """
 
 import lzma
+import json
 import os
 import shutil
 import struct
@@ -238,6 +239,44 @@ def stream_seeds(vdir):
     write("stream_records", "qemu-real-mem-size", b"\x05" + real_prefix + part + pages)
 
 
+def device_state_seeds(vdir):
+    """stream_device_state: `[chunk] tail`, tails of QEMU streams from the first device
+    section: hand-made (two sections, small VM description; without one) and the real
+    one of the plain stream (its first sections, then EOF and a VM description listing them)."""
+    def section(sid, name, inst, data):
+        n = name.encode()
+        return (b"\x04" + struct.pack(">I", sid) + bytes([len(n)]) + n + struct.pack(">II", inst, 1)
+                + data + b"\x7e" + struct.pack(">I", sid))
+
+    def vmdesc(devs):
+        j = json.dumps({"page_size": 4096, "devices": [{"name": n, "instance_id": i} for n, i in devs]},
+                       separators=(",", ":")).encode()
+        return b"\x00\x06" + struct.pack(">I", len(j)) + j
+
+    body = section(0, "timer", 0, bytes(24)) + section(3, "cpu", 0, b"\x7e\x00\x00\x00\x03" + bytes(9))
+    write("stream_device_state", "hand-vmdesc", b"\x00" + body + vmdesc([("timer", 0), ("cpu", 0)]))
+    write("stream_device_state", "hand-no-vmdesc", b"\x03" + body + b"\x00")
+    write("stream_device_state", "hand-cut", b"\x01" + body[:-3])
+    if vdir is None:
+        return
+    plain = lzma.open(os.path.join(vdir, "plain-stream.bin.xz")).read()
+    start = plain.find(b"\x04\x00\x00\x00\x00\x05timer")
+    if start < 0:
+        return
+    # The first three real sections, split by their footers (ids 0, then the next ones).
+    real, at, devs = b"", start, []
+    for _ in range(3):
+        sid = struct.unpack(">I", plain[at + 1:at + 5])[0]
+        nlen = plain[at + 5]
+        name = plain[at + 6:at + 6 + nlen].decode()
+        inst = struct.unpack(">I", plain[at + 6 + nlen:at + 10 + nlen])[0]
+        end = plain.index(b"\x7e" + struct.pack(">I", sid), at + 14 + nlen) + 5
+        real += plain[at:end]
+        devs.append((name, inst))
+        at = end
+    write("stream_device_state", "qemu-real-first-sections", b"\x00" + real + vmdesc(devs))
+
+
 def main():
     records = list(read_vectors(vectors_dir()))
     assert len(records) == 9349, len(records)
@@ -293,6 +332,7 @@ def main():
                     write("zero_diff", "zero-%d-a%d-%s" % (length, align, tag), hdr + struct.pack("<HB", at, 1))
 
     stream_seeds(vectors_dir())
+    device_state_seeds(vectors_dir())
 
     total = 0
     for dirpath, _, files in os.walk(HERE):

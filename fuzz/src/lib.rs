@@ -219,6 +219,71 @@ impl std::io::Read for ChunkedReader<'_> {
     }
 }
 
+
+/// A virtual file for the mapped-ram target: pieces of bytes at offsets,
+/// zeros between them, so a 64 KiB input can describe a file with 1 MiB-aligned
+/// page regions. Input: repeated `[be32 gap][be16 len][len bytes]`; each
+/// piece starts `gap` zero bytes after the previous one
+/// ended. A cut-off last piece keeps the bytes present.
+pub struct SparseFile {
+    /// (offset, bytes), in increasing offset order, not overlapping.
+    pub pieces: Vec<(u64, Vec<u8>)>,
+    /// File length: end of the last piece.
+    pub len: u64,
+}
+
+impl SparseFile {
+    /// Parses the input layout above.
+    pub fn from_input(mut data: &[u8]) -> SparseFile {
+        let mut pieces = Vec::new();
+        let mut end = 0u64;
+        while data.len() >= 6 {
+            let gap = u64::from(u32::from_be_bytes([data[0], data[1], data[2], data[3]]));
+            let n = usize::from(u16::from_be_bytes([data[4], data[5]])).min(data.len() - 6);
+            let off = end + gap;
+            pieces.push((off, data[6..6 + n].to_vec()));
+            end = off + n as u64;
+            data = &data[6 + n..];
+        }
+        SparseFile { pieces, len: end }
+    }
+
+    /// The inverse of [`SparseFile::from_input`] (for seeds and tests).
+    pub fn to_input(pieces: &[(u64, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut end = 0u64;
+        for (off, b) in pieces {
+            out.extend_from_slice(&((off - end) as u32).to_be_bytes());
+            out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+            out.extend_from_slice(b);
+            end = off + b.len() as u64;
+        }
+        out
+    }
+}
+
+impl precopy_stream::mapped_ram::ReadAt for SparseFile {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.len)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.len)
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        buf.fill(0);
+        for (po, pb) in &self.pieces {
+            let pe = po + pb.len() as u64;
+            let (a, z) = (offset.max(*po), end.min(pe));
+            if a < z {
+                buf[(a - offset) as usize..(z - offset) as usize]
+                    .copy_from_slice(&pb[(a - po) as usize..(z - po) as usize]);
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The committed seeds still mean what `seeds/generate.py` says, so a
@@ -278,5 +343,17 @@ mod tests {
         assert_eq!((len, (store.as_ptr() as usize + start) % 64), (4096, 7));
         assert!(store[start..start + len - 1].iter().all(|&b| b == 0));
         assert_eq!(store[start + len - 1], 1);
+    }
+
+    #[test]
+    fn mapped_ram_seeds_parse() {
+        use precopy_stream::mapped_ram::MappedRamFile;
+        for name in ["qemu10-firmware", "precopy-two-blocks"] {
+            let f = SparseFile::from_input(&seed("mapped_ram_parse", name));
+            let m = MappedRamFile::parse(&f, &precopy_stream::Limits::default())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!m.blocks.is_empty(), "{name}");
+            assert!(m.blocks.iter().any(|b| b.present_pages() > 0), "{name}");
+        }
     }
 }

@@ -154,6 +154,16 @@ pub enum FormatError {
         /// The feature.
         what: &'static str,
     },
+    /// A file whose configuration does not list the `mapped-ram` capability
+    /// was given to the mapped-ram reader.
+    #[error("not a mapped-ram file (no mapped-ram capability in the configuration)")]
+    NotMappedRam,
+    /// A mapped-ram header, bitmap or page region is invalid.
+    #[error("bad mapped-ram layout: {why}")]
+    MappedRam {
+        /// What is wrong.
+        why: &'static str,
+    },
     /// Bytes after the VM description.
     #[error("trailing bytes after the end of the stream")]
     TrailingData,

@@ -113,7 +113,18 @@ pub fn split_device_state(
     let (eof_at, vmdesc) = match crate::io::find_vm_description(tail) {
         Some((eof_at, json)) => (eof_at, Some(json)),
         None if tail.last() == Some(&SECTION_EOF) => (tail.len() - 1, None),
-        None => return Err(truncated()),
+        None => {
+            return Err(match cut_vm_description(tail) {
+                // EOF and the start of a VM description are there, its end is not.
+                Some(_) => Error::Format {
+                    offset: offset + tail.len() as u64,
+                    kind: FormatError::Truncated {
+                        what: "VM description",
+                    },
+                },
+                None => truncated(),
+            });
+        }
     };
     let body = &tail[..eof_at];
     let expected = vmdesc.and_then(devices_listed);
@@ -135,6 +146,19 @@ pub fn split_device_state(
         },
         vmdesc,
     ))
+}
+
+/// The offset of an EOF byte followed by the start of a VM description (0x06, a be32
+/// length reaching past the end of `tail`, then `{`): the sign of a stream cut inside it.
+fn cut_vm_description(tail: &[u8]) -> Option<usize> {
+    (0..tail.len().saturating_sub(6)).rev().find(|&p| {
+        let h = &tail[p..p + 6];
+        let len = u32::from_be_bytes([h[2], h[3], h[4], h[5]]) as usize;
+        h[0] == SECTION_EOF
+            && h[1] == crate::format::VM_DESCRIPTION
+            && p + 6 + len > tail.len()
+            && tail.get(p + 6) == Some(&b'{')
+    })
 }
 
 /// `(name, instance_id)` of every device the VM description lists, in order.
@@ -300,12 +324,29 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_cut_inside_the_vm_description_is_truncated() {
+    fn a_stream_cut_inside_the_vm_description_is_truncated_there() {
         let mut tail = section(1, "timer", 0, &[1]);
+        let body = tail.len();
         tail.extend(vmdesc(&[("timer", 0)]));
-        for cut in [tail.len() - 1, tail.len() - 20] {
-            assert!(split_device_state(0, &tail[..cut]).is_err(), "cut at {cut}");
+        for cut in [tail.len() - 1, tail.len() - 20, body + 7] {
+            let e = split_device_state(100, &tail[..cut]).unwrap_err();
+            assert_eq!(e.offset(), 100 + cut as u64);
+            assert!(
+                matches!(
+                    e,
+                    Error::Format {
+                        kind: FormatError::Truncated {
+                            what: "VM description"
+                        },
+                        ..
+                    }
+                ),
+                "cut at {cut}: {e}"
+            );
         }
+        // Cut before the VM description's JSON starts: the device state has no end.
+        let e = split_device_state(0, &tail[..body + 3]).unwrap_err();
+        assert!(e.to_string().contains("device state"), "{e}");
         assert!(split_device_state(0, &[]).is_err());
     }
 

@@ -89,6 +89,11 @@ pub const VM_DESCRIPTION: u8 = 0x06;
 pub const CONFIGURATION: u8 = 0x07;
 /// `QEMU_VM_COMMAND`.
 pub const COMMAND: u8 = 0x08;
+/// `MIG_CMD_SWITCHOVER_START`: a COMMAND with no data that QEMU 10.0 sends right before
+/// the final phase (the ram END section), so that devices on the destination learn that
+/// the switchover begins (machine property `send-switchover-start`, on for 10.0 machine
+/// types). It means nothing for RAM: loaders count it and go on.
+pub const MIG_CMD_SWITCHOVER_START: u16 = 11;
 /// `QEMU_VM_SECTION_FOOTER`.
 pub const SECTION_FOOTER: u8 = 0x7e;
 

@@ -160,6 +160,11 @@ impl RamImage {
         self.blocks.iter().map(RamBlock::len).sum()
     }
 
+    /// The blocks, mutably (their contents; names and lengths stay).
+    pub fn blocks_mut(&mut self) -> &mut [RamBlock] {
+        &mut self.blocks
+    }
+
     /// The page at byte `offset` of block index `block`, if it lies inside.
     pub fn page(&self, block: usize, offset: u64) -> Option<&Page> {
         let b = self.blocks.get(block)?;

@@ -36,6 +36,14 @@
 //! * COMMAND sections, compressed pages, RDMA hooks: framing is decoded; the
 //!   loader refuses them as [`FormatError::Unsupported`].
 //!
+//! # mapped-ram files
+//!
+//! [`mapped_ram`] reads and writes QEMU's `mapped-ram` file layout (QEMU ≥ 9.0,
+//! `migrate file:PATH` with the `mapped-ram` capability): every page at a fixed
+//! file offset, a bitmap per block, zero pages as holes. It works on
+//! random-access files ([`mapped_ram::ReadAt`], positional writes), not on
+//! the sequential stream above.
+//!
 //! # Hardening
 //!
 //! Every error is typed ([`FormatError`]) and carries the stream offset of
@@ -80,6 +88,7 @@ pub mod format;
 mod image;
 mod io;
 mod loader;
+pub mod mapped_ram;
 mod ratelimit;
 mod writer;
 

@@ -57,6 +57,8 @@ pub struct LoadStats {
     pub footers: u64,
     /// Our device sections (FULL `precopy/...`).
     pub device_sections: KindStats,
+    /// `MIG_CMD_SWITCHOVER_START` commands (QEMU 10.0 sends one before the final phase).
+    pub switchover_start: u64,
     /// Stream bytes read up to where loading stopped.
     pub bytes: u64,
 }
@@ -162,7 +164,8 @@ pub enum Control {
 /// The target sets up its blocks when MEM_SIZE arrives
 /// ([`RamTarget::set_blocks`]), bounded by [`Limits::max_ram_bytes`]. Our device
 /// sections and the VM description are kept; a foreign section stops
-/// loading. Compressed pages, RDMA hooks and commands are refused
+/// loading. `MIG_CMD_SWITCHOVER_START` is counted and skipped; compressed pages, RDMA
+/// hooks and other commands are refused
 /// ([`FormatError::Unsupported`]). On any error the page concerned is untouched.
 #[derive(Debug, Default)]
 pub struct Loader<T = RamImage> {
@@ -308,6 +311,11 @@ impl<T: RamTarget> Loader<T> {
                 self.stats.bytes = offset;
                 self.stop = Some(StopReason::foreign_section(offset, h));
                 return Ok(Control::Stop);
+            }
+            Item::Command { command, data }
+                if *command == crate::format::MIG_CMD_SWITCHOVER_START && data.is_empty() =>
+            {
+                self.stats.switchover_start += 1;
             }
             Item::Command { .. } => {
                 return Err(unsupported(

@@ -918,3 +918,44 @@ fn configuration_subsections() {
         }
     );
 }
+
+/// QEMU 10.0's `MIG_CMD_SWITCHOVER_START` (command 11, no data) before the ram END section
+/// is counted and skipped; with data, or any other command, the loader refuses it at its
+/// offset.
+#[test]
+fn switchover_start_command_is_skipped_other_commands_are_refused() {
+    use precopy_stream::{Encoder, FormatError, RamBlockInfo, load};
+    let mut enc = Encoder::new();
+    let mut head = Vec::new();
+    enc.file_header(&mut head, "pc-i440fx-10.0").unwrap();
+    enc.ram_setup(&mut head, &[RamBlockInfo::new("pc.ram", 0x2000)])
+        .unwrap();
+    let mut tail = Vec::new();
+    enc.begin_ram_complete(&mut tail).unwrap();
+    enc.page(&mut tail, 0, 0x1000, &[7; 4096]).unwrap();
+    enc.end_ram_section(&mut tail).unwrap();
+    enc.eof(&mut tail).unwrap();
+    let with = |cmd: &[u8]| [&head[..], cmd, &tail[..]].concat();
+
+    let l = load(&with(&[0x08, 0, 11, 0, 0])[..], Limits::default()).unwrap();
+    assert_eq!(l.stats.switchover_start, 1);
+    assert_eq!(l.image.blocks()[0].data()[0x1000..], [7; 4096]);
+
+    for cmd in [
+        &[0x08, 0, 11, 0, 1, 9][..],
+        &[0x08, 0, 2, 0, 4, 0, 0, 0, 1][..],
+    ] {
+        let e = load(&with(cmd)[..], Limits::default()).unwrap_err();
+        assert_eq!(e.offset(), head.len() as u64, "{e}");
+        assert!(
+            matches!(
+                e,
+                precopy_stream::Error::Format {
+                    kind: FormatError::Unsupported { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}

@@ -1,4 +1,5 @@
 //! Running the `precopy` binary as a user does, for the CLI's integration tests.
+#![allow(dead_code)] // each test binary uses a different subset
 
 use std::process::{Command, Output, Stdio};
 

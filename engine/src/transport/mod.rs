@@ -20,7 +20,7 @@ mod incoming;
 mod outgoing;
 
 pub use incoming::{Incoming, IncomingListener};
-pub use outgoing::{AbortHandle, Outgoing};
+pub use outgoing::{AbortHandle, END_CONFIRM_TIMEOUT, Outgoing};
 
 /// A parsed migration URI.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,10 +2,11 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::Duration;
 
 use super::{MigrationSink, MigrationUri, TransportError, inherited_fd};
 
@@ -112,20 +113,55 @@ impl Outgoing {
     }
 }
 
-/// Closing flushes, then shuts a socket down for writing, syncs a file, or closes an
-/// `exec:` command's stdin and waits for it (an error if it failed). Writes after that
-/// fail.
+/// How long closing a socket waits for the destination to close its end
+/// ([`MigrationSink::close`] of [`Outgoing`]).
+pub const END_CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// After our end was shut down for writing: wait until the destination closes its end.
+///
+/// A destination closes once it has read the stream to its end (ours, and QEMU's, which
+/// reads the VM description "so the sender does not error"). A clean close (read returns 0)
+/// means it read everything: a socket closed with our bytes still unread is reset
+/// instead, and the read fails. Bytes the destination sends meanwhile are ignored.
+fn await_peer_close(s: &mut impl Read) -> io::Result<()> {
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the destination did not confirm that it read the whole stream \
+                         (its end of the connection did not close cleanly within {} s): {e}",
+                        END_CONFIRM_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Closing flushes, then: for a socket, shuts it down for writing and waits (at most
+/// [`END_CONFIRM_TIMEOUT`]) for the destination to close its end, which it does once it
+/// has read the whole stream, so the source says completed only once the destination has
+/// everything (an error otherwise); syncs a file; or closes an `exec:` command's stdin and
+/// waits for it (an error if it failed). Writes after that fail.
 impl MigrationSink for Outgoing {
     fn close(&mut self) -> io::Result<()> {
         self.flush()?;
         match &mut self.kind {
             OutKind::Tcp(s) => {
                 let _ = s.shutdown(Shutdown::Write);
-                Ok(())
+                s.set_read_timeout(Some(END_CONFIRM_TIMEOUT))?;
+                await_peer_close(s)
             }
             OutKind::Unix(s) => {
                 let _ = s.shutdown(Shutdown::Write);
-                Ok(())
+                s.set_read_timeout(Some(END_CONFIRM_TIMEOUT))?;
+                await_peer_close(s)
             }
             OutKind::File(f) => f.sync_data().or(Ok(())),
             OutKind::Exec(child, stdin) => {
