@@ -175,11 +175,12 @@ pub(crate) fn parameters_from(args: &MigrateArgs) -> (ParameterUpdate, Capabilit
 #[derive(clap::Args)]
 pub(crate) struct RelayArgs {
     /// Where the source connects: tcp:HOST:PORT or unix:PATH (what the source QEMU's
-    /// `migrate` names).
+    /// `migrate` names); file:, exec: and fd: read a recorded stream instead. One source.
     #[arg(long)]
     pub(crate) from: String,
     /// The destination, e.g. a QEMU started with `-incoming tcp:HOST:PORT` (or `-incoming
-    /// defer` and `migrate-incoming`): tcp:, unix:, file: or exec:.
+    /// defer` and `migrate-incoming`): tcp:, unix:, file: or exec:. Checked at start;
+    /// connected once the source's stream has shown a valid beginning.
     #[arg(long)]
     pub(crate) to: String,
     /// Re-encode re-sent pages with XBZRLE against their previous content, which the
@@ -191,7 +192,7 @@ pub(crate) struct RelayArgs {
     #[arg(long, value_parser = parse_size, default_value = "16G")]
     pub(crate) max_ram: u64,
     /// Print the result as one JSON line: `status`, `error-desc` and `failed-side`
-    /// (`source`, `destination`) on failure, `bytes-in`, `bytes-out`, `pages-in`,
+    /// (`source`, `destination`, or null: none, or the relay itself) on failure, `bytes-in`, `bytes-out`, `pages-in`,
     /// `pages-out` per kind, XBZRLE counters, `device-state-bytes`, `total-time` (ms).
     #[arg(long)]
     pub(crate) json: bool,

@@ -4,9 +4,11 @@
 
 use std::process::ExitCode;
 
+use std::io::{self, Write};
+
 use precopy_engine::{
-    IncomingListener, Outgoing, RelayError, RelayFailure, RelayOptions, RelaySide, RelayStats,
-    relay,
+    IncomingListener, MigrationUri, Outgoing, RelayError, RelayFailure, RelayOptions, RelaySide,
+    RelayStats, relay,
 };
 use precopy_stream::Limits;
 use serde_json::{Map, Value, json};
@@ -24,6 +26,11 @@ pub(crate) fn run(args: RelayArgs) -> ExitCode {
             ..Limits::default()
         },
     };
+    // A destination URI that cannot work is refused before anyone connects.
+    if let Err(e) = args.to.parse::<MigrationUri>() {
+        let why = format!("destination: {e}");
+        return report(&args, Err((Some(RelaySide::Destination), why, None)));
+    }
     let l = match IncomingListener::bind(&args.from) {
         Ok(l) => l,
         Err(e) => return report(&args, Err((Some(RelaySide::Source), e.to_string(), None))),
@@ -33,19 +40,18 @@ pub(crate) fn run(args: RelayArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return report(&args, Err((Some(RelaySide::Source), e.to_string(), None))),
     };
-    // Connect once the source is there: a destination QEMU started with -incoming waits.
-    let mut dest = match Outgoing::open(&args.to) {
-        Ok(d) => d,
-        Err(e) => {
-            let why = format!("destination: {e}");
-            return report(&args, Err((Some(RelaySide::Destination), why, None)));
-        }
+    // The destination is connected at the relay's first write, once the source's stream
+    // has shown a valid header, configuration and RAM setup (the first 256 KiB of output
+    // or the whole stream): a port probe or a stray connection on --from never reaches a
+    // QEMU destination, which would give up on a stream that is not one.
+    let mut dest = LazyDestination {
+        uri: args.to.clone(),
+        out: None,
     };
-    eprintln!("precopy relay: connected to {}", args.to);
     let r = match relay(source, &mut dest, &opts) {
-        // Flush and close our side: the destination sees the end of the stream.
-        Ok(stats) => match dest.finish() {
-            Ok(()) => Ok(stats),
+        // Flush and close our side, and wait for the destination to close its end.
+        Ok(stats) => match dest.out.take().map(Outgoing::finish).transpose() {
+            Ok(_) => Ok(stats),
             Err(e) => Err(RelayFailure {
                 error: RelayError::Destination {
                     bytes: stats.bytes_out,
@@ -62,6 +68,38 @@ pub(crate) fn run(args: RelayArgs) -> ExitCode {
         &args,
         r.map_err(|f| (f.error.side(), f.error.to_string(), Some(*f.stats))),
     )
+}
+
+/// The destination, connected at the first write.
+struct LazyDestination {
+    uri: String,
+    out: Option<Outgoing>,
+}
+
+impl LazyDestination {
+    fn get(&mut self) -> io::Result<&mut Outgoing> {
+        if self.out.is_none() {
+            let o = Outgoing::open(&self.uri).map_err(io::Error::other)?;
+            eprintln!("precopy relay: connected to {}", self.uri);
+            self.out = Some(o);
+        }
+        self.out
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no destination"))
+    }
+}
+
+impl Write for LazyDestination {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.get()?.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.out {
+            Some(o) => o.flush(),
+            None => Ok(()),
+        }
+    }
 }
 
 type Outcome = Result<RelayStats, (Option<RelaySide>, String, Option<RelayStats>)>;

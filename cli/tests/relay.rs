@@ -123,3 +123,39 @@ fn a_missing_destination_fails_the_relay_and_the_source() {
     assert_eq!(s["status"], "failed", "{s}");
     assert_eq!(src.status.code(), Some(1));
 }
+
+#[test]
+fn a_stray_connection_never_reaches_the_destination() {
+    use std::io::Write as _;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let (a, b) = (sock("a-stray"), sock("b-stray"));
+    let _ = std::fs::remove_file(&b);
+    let dest = UnixListener::bind(&b).unwrap();
+    dest.set_nonblocking(true).unwrap();
+    let relay = spawn(&["relay", "--from", &uri(&a), "--to", &uri(&b), "--json"]);
+    wait_for(&a);
+    let mut c = UnixStream::connect(&a).unwrap();
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    drop(c);
+    let relay = relay.wait_with_output().unwrap();
+    let r = json(&relay);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["failed-side"], "source", "{r}");
+    assert_eq!(relay.status.code(), Some(1));
+    // The destination was never connected to.
+    assert_eq!(
+        dest.accept().map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+    std::fs::remove_file(&b).unwrap();
+}
+
+#[test]
+fn a_bad_destination_uri_is_refused_before_listening() {
+    let a = sock("a-bad-uri");
+    let o = common::precopy(&["relay", "--from", &uri(&a), "--to", "bogus:x", "--json"]);
+    let r = json(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(r["failed-side"], "destination", "{r}");
+    assert!(!a.exists(), "the relay listened anyway");
+}

@@ -53,7 +53,10 @@ pub enum IncomingError {
         source: precopy_stream::Error,
     },
     /// The VM description carries no RAM digest of ours (or is not JSON).
-    #[error("the stream has no RAM digest in its VM description")]
+    #[error(
+        "the stream has no RAM digest in its VM description (a QEMU source sends none: \
+         receive its migration with verification off, `--verify off`)"
+    )]
     MissingDigest,
     /// The RAM read does not match the source's digest.
     #[error("RAM digest mismatch: source {expected}, destination {actual}")]

@@ -132,7 +132,7 @@ pub enum RelayError {
     #[error("source: {0}")]
     Source(#[source] precopy_stream::Error),
     /// Writing to the destination failed after `bytes` bytes.
-    #[error("destination: write failed after {bytes} bytes: {source}")]
+    #[error("destination: {source} (after {bytes} bytes)")]
     Destination {
         /// Bytes written before the failure.
         bytes: u64,

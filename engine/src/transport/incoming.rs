@@ -51,7 +51,9 @@ impl fmt::Debug for Incoming {
 
 impl IncomingListener {
     /// Bind / open / spawn for `uri`. `tcp:HOST:0` binds an ephemeral port; see
-    /// [`local_uri`](IncomingListener::local_uri).
+    /// [`local_uri`](IncomingListener::local_uri). A `unix:` path that is a stale socket
+    /// (nobody accepts on it) is replaced; one a live process listens on is refused
+    /// (`AddrInUse`), as is any other existing file.
     pub fn bind(uri: &str) -> Result<IncomingListener, TransportError> {
         let parsed: MigrationUri = uri.parse()?;
         let io = TransportError::io_for(uri);
@@ -67,6 +69,17 @@ impl IncomingListener {
                     })
                     .unwrap_or(false)
                 {
+                    // A socket file nobody listens on is stale (a crashed run): replace it.
+                    // One that accepts connections belongs to a live process: refuse it.
+                    if std::os::unix::net::UnixStream::connect(&p).is_ok() {
+                        return Err(io(
+                            "listen on",
+                            io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                "another process is listening on this socket",
+                            ),
+                        ));
+                    }
                     let _ = std::fs::remove_file(&p);
                 }
                 ListenKind::Unix(UnixListener::bind(&p).map_err(|e| io("listen on", e))?, p)
