@@ -108,12 +108,10 @@ fn load_until_error(stream: &[u8]) -> (Error, Box<Page>) {
     let mut input = stream;
     loop {
         let offset = dec.position();
-        let r = dec
-            .decode(input)
-            .and_then(|o| {
-                let (item, n) = o.expect("complete stream");
-                loader.apply(offset, &item, n).map(|_| n)
-            });
+        let r = dec.decode(input).and_then(|o| {
+            let (item, n) = o.expect("complete stream");
+            loader.apply(offset, &item, n).map(|_| n)
+        });
         match r {
             Ok(n) => input = &input[n..],
             Err(e) => {
@@ -156,8 +154,13 @@ fn a_corrupt_zstd_frame_is_refused_page_untouched() {
         matches!(
             e.format_error(),
             Some(FormatError::PageCompression(
-                precopy_compress::DecompressError::Corrupt { method: Method::Zstd, .. }
-                    | precopy_compress::DecompressError::TooShort { method: Method::Zstd, .. }
+                precopy_compress::DecompressError::Corrupt {
+                    method: Method::Zstd,
+                    ..
+                } | precopy_compress::DecompressError::TooShort {
+                    method: Method::Zstd,
+                    ..
+                }
             ))
         ),
         "{e}"
@@ -177,7 +180,9 @@ fn a_frame_that_inflates_past_a_page_is_refused() {
     assert_eq!(
         e.format_error(),
         Some(&FormatError::PageCompression(
-            precopy_compress::DecompressError::TooLarge { method: Method::Zstd }
+            precopy_compress::DecompressError::TooLarge {
+                method: Method::Zstd
+            }
         ))
     );
     assert!(page.iter().all(|&b| b == 0x11));
@@ -192,7 +197,11 @@ fn an_oversized_or_empty_frame_length_is_refused_by_the_decoder() {
     assert_eq!(e.offset(), at);
     assert!(matches!(
         e.format_error(),
-        Some(FormatError::TooLong { len: 4097, limit: 4096, .. })
+        Some(FormatError::TooLong {
+            len: 4097,
+            limit: 4096,
+            ..
+        })
     ));
     let (s, at) = stream_with(&body(0x02, &[]));
     let (e, _) = load_until_error(&s);
@@ -208,8 +217,14 @@ fn a_cut_record_is_incomplete_not_an_error() {
     let mut enc = Encoder::new();
     let mut out = open(&mut enc);
     let start = out.len();
-    enc.compressed_page(&mut out, 0, 0, Method::Zstd, &frame(Method::Zstd, &text_page(4)))
-        .unwrap();
+    enc.compressed_page(
+        &mut out,
+        0,
+        0,
+        Method::Zstd,
+        &frame(Method::Zstd, &text_page(4)),
+    )
+    .unwrap();
     let mut dec = Decoder::new(Limits::default());
     let mut input = &out[..start];
     while let Some((_, n)) = dec.decode(input).unwrap() {
@@ -221,6 +236,11 @@ fn a_cut_record_is_incomplete_not_an_error() {
     let (item, _) = dec.decode(&out[start..]).unwrap().unwrap();
     assert!(matches!(
         item,
-        Item::Ram(RamRecord::Compressed { method: Method::Zstd, offset: 0, named: true, .. })
+        Item::Ram(RamRecord::Compressed {
+            method: Method::Zstd,
+            offset: 0,
+            named: true,
+            ..
+        })
     ));
 }
