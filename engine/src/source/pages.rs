@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use precopy_compress::select::{Choice, Selector};
+use precopy_compress::select::{Choice, DEFAULT_PROBE_MAX, DEFAULT_PROBE_MIN, Selector};
 use precopy_compress::{CompressError, Levels, Method, PageCompressor};
 use precopy_pagecache::{CacheError, PageCache, Policy};
 use precopy_stream::{StreamWriter, WriteError};
@@ -27,8 +27,6 @@ use crate::transport::MigrationSink;
 /// Longest zstd/zlib frame worth sending: a COMPRESSED record (header + 3 + frame) must be
 /// shorter than a PAGE record (header + 4096).
 const MAX_FRAME: usize = PAGE_SIZE - 4;
-/// `auto` probes every method on one page in this many.
-const PROBE_EVERY: u64 = 128;
 /// `auto`'s first guess of the link rate when `max-bandwidth` is 0 (unlimited): 10 Gbit/s.
 const UNLIMITED_GUESS: u64 = 1_250_000_000;
 
@@ -103,7 +101,13 @@ impl Compression {
             } else {
                 UNLIMITED_GUESS
             };
-            Selector::new(guess, shards, PROBE_EVERY, &[Method::Zstd, Method::Zlib])
+            Selector::new(
+                guess,
+                shards,
+                DEFAULT_PROBE_MIN,
+                DEFAULT_PROBE_MAX,
+                &[Method::Zstd, Method::Zlib],
+            )
         });
         Ok(Compression {
             mode: params.page_compression,
@@ -132,13 +136,28 @@ impl Compression {
         }
     }
 
-    /// How to send a page that is not zero and not unchanged; `xbzrle` is its XBZRLE
-    /// delta's length on a cache hit (already in `slot.delta`).
-    fn finish(&mut self, slot: &mut Slot, xbzrle: Option<usize>) -> Kind {
+    /// How to send a page that is not zero: `cached` is the XBZRLE cache's copy on a hit
+    /// (updated to the page's content here, whatever is sent), `overflow` the XBZRLE
+    /// overflow count.
+    fn finish(
+        &mut self,
+        codec: &Codec,
+        slot: &mut Slot,
+        cached: Option<&mut Page>,
+        overflow: &mut u64,
+    ) -> Kind {
+        if self.mode == PageCompression::Auto {
+            return self.auto(codec, slot, cached, overflow);
+        }
+        let xbzrle = match cached {
+            Some(c) => match self.xbzrle(codec, slot, c, overflow) {
+                Ok(0) => return Kind::Unchanged,
+                Ok(n) => Some(n),
+                Err(()) => None,
+            },
+            None => None,
+        };
         match self.mode {
-            PageCompression::None | PageCompression::Xbzrle => {
-                xbzrle.map_or(Kind::Page, Kind::Xbzrle)
-            }
             PageCompression::Zstd | PageCompression::Zlib => {
                 if let Some(n) = xbzrle {
                     return Kind::Xbzrle(n);
@@ -150,63 +169,105 @@ impl Compression {
                 };
                 self.compressed_or_page(m, slot)
             }
-            PageCompression::Auto => {
-                let choice = match &mut self.selector {
-                    Some(s) => s.choose(xbzrle),
-                    None => Choice::Use(Method::None),
-                };
-                match (choice, xbzrle) {
-                    (Choice::Use(Method::Xbzrle), Some(n)) => Kind::Xbzrle(n),
-                    (Choice::Use(Method::Zstd), _) => self.compressed_or_page(Method::Zstd, slot),
-                    (Choice::Use(Method::Zlib), _) => self.compressed_or_page(Method::Zlib, slot),
-                    (Choice::Probe, _) => self.probe(slot, xbzrle),
-                    _ => Kind::Page,
-                }
-            }
+            _ => xbzrle.map_or(Kind::Page, Kind::Xbzrle),
         }
     }
 
-    /// `auto`'s probe: encode the page with every candidate (each measured), send the
-    /// shortest.
-    fn probe(&mut self, slot: &mut Slot, xbzrle: Option<usize>) -> Kind {
-        let mut measured = [(Method::None, PAGE_SIZE, 0u64); 4];
-        let mut k = 0;
-        // Raw: the cost of copying the page out (into the spare frame).
+    /// The XBZRLE delta of the page against `cached` into `slot.delta` (the cache copy
+    /// then holds the page), timed; `Err` on overflow (counted).
+    fn xbzrle(
+        &mut self,
+        codec: &Codec,
+        slot: &mut Slot,
+        cached: &mut Page,
+        overflow: &mut u64,
+    ) -> Result<usize, ()> {
         let t = Instant::now();
-        slot.frame2.copy_from_slice(&slot.page);
+        let r = codec.encode_and_update(cached, &slot.page, &mut slot.delta[..PAGE_SIZE - 1]);
         let ns = elapsed_ns(t);
-        self.cpu_ns[Method::None.index()] += ns;
+        self.cpu_ns[Method::Xbzrle.index()] += ns;
+        let payload = *r.as_ref().unwrap_or(&PAGE_SIZE);
         if let Some(s) = &mut self.selector {
-            s.record(Method::None, PAGE_SIZE, ns);
+            s.record(Method::Xbzrle, payload, ns);
         }
-        measured[k] = (Method::None, PAGE_SIZE, ns);
-        k += 1;
-        if let Some(n) = self.try_method(Method::Zstd, &slot.page, &mut slot.frame) {
-            measured[k] = (Method::Zstd, n, 0);
-            k += 1;
-        }
-        if let Some(n) = self.try_method(Method::Zlib, &slot.page, &mut slot.frame2) {
-            measured[k] = (Method::Zlib, n, 0);
-            k += 1;
-        }
-        if let Some(n) = xbzrle {
-            measured[k] = (Method::Xbzrle, n, 0);
-            k += 1;
-        }
-        let best = match &self.selector {
-            Some(s) => s.best_of(&measured[..k]),
-            None => Method::None,
+        r.map_err(|_| *overflow += 1)
+    }
+
+    /// `auto`: the selector's choice (and, on a probe, one more method), the shorter sent.
+    fn auto(
+        &mut self,
+        codec: &Codec,
+        slot: &mut Slot,
+        cached: Option<&mut Page>,
+        overflow: &mut u64,
+    ) -> Kind {
+        let Some(sel) = self.selector.as_mut() else {
+            return Kind::Page;
         };
-        let len = |m: Method| measured[..k].iter().find(|x| x.0 == m).map_or(0, |x| x.1);
-        match best {
-            Method::Xbzrle => Kind::Xbzrle(len(Method::Xbzrle)),
-            Method::Zstd => Kind::Compressed(Method::Zstd, len(Method::Zstd)),
-            Method::Zlib => {
-                let n = len(Method::Zlib);
-                slot.frame[..n].copy_from_slice(&slot.frame2[..n]);
-                Kind::Compressed(Method::Zlib, n)
+        let (chosen, probe) = match sel.choose(cached.is_some()) {
+            Choice::Use(m) => (m, None),
+            Choice::Probe { chosen, probe } => (chosen, Some(probe)),
+        };
+        let mut xbzrle = None;
+        let x0 = self.cpu_ns[Method::Xbzrle.index()];
+        if let Some(c) = cached {
+            if chosen == Method::Xbzrle || probe == Some(Method::Xbzrle) {
+                match self.xbzrle(codec, slot, c, overflow) {
+                    Ok(0) => return Kind::Unchanged,
+                    Ok(n) => xbzrle = Some(n),
+                    Err(()) => {}
+                }
+            } else if c[..] == slot.page[..] {
+                return Kind::Unchanged;
+            } else {
+                // Not encoded, but the cache must hold what the destination will have.
+                c.copy_from_slice(&slot.page);
             }
+        }
+        let xbzrle_ns = self.cpu_ns[Method::Xbzrle.index()] - x0;
+        // What chosen (frame) and probe (frame2) made of the page: payload (None = not
+        // shrunk, sent raw) and CPU ns.
+        let mut make = |m: Method, second: bool, this: &mut Self| -> (Method, Option<usize>, u64) {
+            let before = this.cpu_ns[m.index()];
+            let payload = match m {
+                Method::None => Some(PAGE_SIZE),
+                Method::Xbzrle => xbzrle,
+                _ if second => this.try_method(m, &slot.page, &mut slot.frame2),
+                _ => this.try_method(m, &slot.page, &mut slot.frame),
+            };
+            let ns = if m == Method::Xbzrle {
+                xbzrle_ns
+            } else {
+                this.cpu_ns[m.index()] - before
+            };
+            (m, payload, ns)
+        };
+        let c = make(chosen, false, self);
+        let winner = match probe {
+            None => c,
+            Some(p) => {
+                let p = make(p, true, self);
+                let send = match self.selector.as_mut() {
+                    Some(sel) => sel.probe_done(c, p),
+                    None => c.0,
+                };
+                if send == p.0 { p } else { c }
+            }
+        };
+        let (m, n) = match winner {
+            (m, Some(n), _) => (m, n),
+            _ => return Kind::Page,
+        };
+        let second = probe == Some(m) && m != chosen;
+        match m {
             Method::None => Kind::Page,
+            Method::Xbzrle => Kind::Xbzrle(n),
+            _ => {
+                if second {
+                    slot.frame[..n].copy_from_slice(&slot.frame2[..n]);
+                }
+                Kind::Compressed(m, n)
+            }
         }
     }
 }
@@ -253,50 +314,33 @@ impl Step<'_> {
         slot: &mut Slot,
         job: Job,
     ) -> Result<Kind, GuestError> {
-        let cache = if self.use_cache {
-            x.cache.as_mut()
-        } else {
-            None
-        };
+        let use_cache = self.use_cache;
         self.guest.read_page(job.block, job.page, &mut slot.page)?;
         if codec.is_zero(&slot.page) {
             // As QEMU's xbzrle_cache_zero_page: an insert of the zero page, not a
             // lookup, so zero pages are neither cache hits nor cache misses. A
             // resident copy of this address is always replaced; a refused insert
             // (another fresh page holds the slot) leaves nothing cached for it.
-            if let Some(cache) = cache
+            if let Some(cache) = x.cache.as_mut().filter(|_| use_cache)
                 && !self.last_stage
             {
                 let _ = cache.insert(job.addr, &ZERO_PAGE, self.generation);
             }
             return Ok(Kind::Zero);
         }
-        let Some(cache) = cache else {
-            return Ok(comp.finish(slot, None));
+        let Xbzrle { cache, overflow } = x;
+        let Some(cache) = cache.as_mut().filter(|_| use_cache) else {
+            return Ok(comp.finish(codec, slot, None, overflow));
         };
-        let delta = match cache.lookup(job.addr, self.generation) {
-            Some(cached) => {
-                let t = Instant::now();
-                let r =
-                    codec.encode_and_update(cached, &slot.page, &mut slot.delta[..PAGE_SIZE - 1]);
-                comp.cpu_ns[Method::Xbzrle.index()] += elapsed_ns(t);
-                match r {
-                    Ok(0) => return Ok(Kind::Unchanged),
-                    Ok(n) => Some(n),
-                    Err(_) => {
-                        x.overflow += 1;
-                        None
-                    }
-                }
-            }
+        match cache.lookup(job.addr, self.generation) {
+            Some(cached) => Ok(comp.finish(codec, slot, Some(cached), overflow)),
             None => {
                 if !self.last_stage {
                     let _ = cache.insert(job.addr, &slot.page, self.generation);
                 }
-                None
+                Ok(comp.finish(codec, slot, None, overflow))
             }
-        };
-        Ok(comp.finish(slot, delta))
+        }
     }
 }
 
