@@ -29,7 +29,7 @@ use std::time::Instant;
 use precopy_benches::corpus::Corpus;
 use precopy_benches::{PAGE_SIZE, Page, QemuPairs};
 use precopy_compress::select::{
-    Choice, DEFAULT_PROBE_MAX, DEFAULT_PROBE_MIN, RECORD_OVERHEAD, Selector,
+    AUTO_CANDIDATES, Choice, DEFAULT_PROBE_MAX, DEFAULT_PROBE_MIN, RECORD_OVERHEAD, Selector,
 };
 use precopy_compress::{Levels, Method, PageCompressor, PageDecompressor};
 
@@ -138,16 +138,26 @@ fn replay_auto(costs: &[[Cost; 4]], has_old: &[bool], gbit: f64, cores: usize) -
         cores,
         DEFAULT_PROBE_MIN,
         DEFAULT_PROBE_MAX,
-        &[Method::Zstd, Method::Zlib],
+        AUTO_CANDIDATES,
     );
     let (mut enc, mut wire) = (0u64, 0u64);
     for (row, &hit) in costs.iter().zip(has_old) {
-        let (chosen, probe) = match s.choose(hit) {
-            Choice::Use(m) => (m, None),
-            Choice::Probe { chosen, probe } => (chosen, Some(probe)),
+        let (chosen, probe, try_x) = match s.choose(hit) {
+            Choice::Use(m) => (m, None, false),
+            Choice::Probe { chosen, probe } => (chosen, Some(probe), false),
+            Choice::TryXbzrle { fallback } => (fallback, None, true),
         };
-        if hit && chosen != Method::Xbzrle && probe != Some(Method::Xbzrle) {
+        if hit && chosen != Method::Xbzrle && probe != Some(Method::Xbzrle) && !try_x {
             enc += row[Method::None.index()].enc_ns;
+        }
+        if try_x {
+            let x = &row[Method::Xbzrle.index()];
+            enc += x.enc_ns;
+            s.record(Method::Xbzrle, x.payload.unwrap_or(PAGE_SIZE), x.enc_ns);
+            if s.keep_xbzrle(x.payload, chosen) {
+                wire += x.wire();
+                continue;
+            }
         }
         let made = |m: Method, s: &mut Selector| -> (Method, Option<usize>, u64) {
             let c = &row[m.index()];

@@ -18,6 +18,14 @@
 //! size is known, so it is measured from the start. XBZRLE is a candidate
 //! only on a cache hit. The selector picks the method with the least `t`.
 //!
+//! XBZRLE deltas vary a lot from page to page (a counter bump, a rewritten
+//! page), and the delta is cheap to make, so on a hit where XBZRLE is not the
+//! choice but its estimate with its long-run mean CPU (so a few slow deltas do
+//! not close the gate) is less than the choice's, the
+//! selector says [`Choice::TryXbzrle`]: make the delta first and keep it if
+//! its exact size beats the estimate of the fallback
+//! ([`Selector::keep_xbzrle`]); else encode the fallback.
+//!
 //! # Re-measuring
 //!
 //! The link rate comes from the caller's measurement
@@ -26,9 +34,12 @@
 //! caller encodes it with the chosen method **and** one other candidate,
 //! records both, and reports both to [`Selector::probe_done`], which says
 //! which to send (the shorter: the CPU is spent). Each method has its own
-//! probe interval: it starts at `probe_min` pages, doubles (up to
-//! `probe_max`) each time a probe of that method confirms the choice (by the
-//! model, on that page), and falls back to `probe_min` when the probe
+//! probe interval: it starts at `probe_min` pages; when a probe of that
+//! method confirms the choice (by the model, on that page) and cost `k ≥ 2`
+//! times the choice, it doubles (up to `probe_max`) and the next probe comes
+//! `k` intervals later (so probing spends about `1/probe_min` of the time at
+//! most; cheap probes, like an XBZRLE delta, stay frequent); it
+//! falls back to `probe_min` when the probe
 //! overturns it, the estimates of both then set to that page's figures so
 //! the next page follows at once: cheap when the workload is steady, quick
 //! when it changes. A candidate never measured is probed first.
@@ -51,6 +62,8 @@ pub struct Estimate {
     pub cpu_ns: f64,
     /// Average bytes per page on the wire (payload + [`RECORD_OVERHEAD`]).
     pub wire_bytes: f64,
+    /// Mean CPU nanoseconds per page over every sample (the long-run cost).
+    pub cpu_ns_mean: f64,
 }
 
 /// A selector's choice for one page.
@@ -58,6 +71,12 @@ pub struct Estimate {
 pub enum Choice {
     /// Send with this method.
     Use(Method),
+    /// Make the XBZRLE delta; if [`Selector::keep_xbzrle`] says so send it,
+    /// else encode with `fallback`.
+    TryXbzrle {
+        /// The method to use when the delta is not kept.
+        fallback: Method,
+    },
     /// Encode with `chosen` and with `probe`, record both, send the shorter
     /// ([`Selector::best_of`]) and call [`Selector::probe_done`].
     Probe {
@@ -107,6 +126,7 @@ impl Selector {
             samples: 1,
             cpu_ns: 0.0,
             wire_bytes: (PAGE_SIZE as u64 + RECORD_OVERHEAD) as f64,
+            cpu_ns_mean: 0.0,
         };
         let probe_min = probe_min.max(1);
         Selector {
@@ -155,6 +175,7 @@ impl Selector {
             e.wire_bytes += Self::ALPHA * (bytes - e.wire_bytes);
         }
         e.samples += 1;
+        e.cpu_ns_mean += (cpu_ns as f64 - e.cpu_ns_mean) / e.samples as f64;
     }
 
     /// Estimated nanoseconds to get a page across with `method` (see the
@@ -212,7 +233,33 @@ impl Selector {
             .min_by_key(|m| self.next_probe[m.index()]);
         match due {
             Some(m) => Choice::Probe { chosen, probe: m },
+            None if hit
+                && chosen != Method::Xbzrle
+                && self
+                    .time_ns(chosen)
+                    .is_some_and(|t| self.xbzrle_trial_ns() < t) =>
+            {
+                Choice::TryXbzrle { fallback: chosen }
+            }
             None => Choice::Use(chosen),
+        }
+    }
+
+    /// What trying a delta is expected to cost: XBZRLE's long-run mean CPU plus
+    /// its recent average size on the link.
+    fn xbzrle_trial_ns(&self) -> f64 {
+        let e = &self.est[Method::Xbzrle.index()];
+        e.cpu_ns_mean / self.cores + e.wire_bytes * 1e9 / self.bandwidth
+    }
+
+    /// After [`Choice::TryXbzrle`]: keep the delta (`payload` bytes, `None` on
+    /// overflow; its CPU is spent) when its link time is no more than the
+    /// fallback's estimated time.
+    pub fn keep_xbzrle(&self, payload: Option<usize>, fallback: Method) -> bool {
+        match (payload, self.time_ns(fallback)) {
+            (Some(n), Some(t)) => self.link_ns(n) <= t,
+            (Some(_), None) => true,
+            (None, _) => false,
         }
     }
 
@@ -240,10 +287,17 @@ impl Selector {
                 e.wire_bytes = (payload.unwrap_or(PAGE_SIZE) as u64 + RECORD_OVERHEAD) as f64;
                 e.samples = e.samples.max(1);
             }
+            self.next_probe[i] = self.pages + self.probe_min;
         } else {
-            self.interval[i] = (self.interval[i] * 2).min(self.probe_max);
+            // A probe that costs k times the choice comes k times less often, and
+            // backs off further while it keeps confirming; a cheap one (k < 2, e.g.
+            // an XBZRLE delta or a raw page) stays frequent.
+            let k = (tp / tc.max(1.0)).clamp(1.0, 64.0) as u64;
+            if k >= 2 {
+                self.interval[i] = (self.interval[i] * 2).min(self.probe_max);
+            }
+            self.next_probe[i] = self.pages + self.interval[i] * k;
         }
-        self.next_probe[i] = self.pages + self.interval[i];
         let size = |x: Option<usize>| x.unwrap_or(PAGE_SIZE + 1);
         if size(probe.1) < size(chosen.1) {
             probe.0
@@ -262,6 +316,13 @@ impl Selector {
             .map_or(Method::None, |m| m.0)
     }
 }
+
+/// The methods `auto` chooses among besides `none` and `xbzrle`: zstd only.
+/// zlib (level 1) made bigger pages than zstd (level 1) for more CPU on every
+/// corpus of the `compression` bench (real pages of CPython, cc1, Node.js,
+/// SQLite and QEMU 7.2 guests), so measuring it would only cost probes; pass
+/// `&[Method::Zstd, Method::Zlib]` to [`Selector::new`] to include it.
+pub const AUTO_CANDIDATES: &[Method] = &[Method::Zstd];
 
 /// Least pages between probes in the engine.
 pub const DEFAULT_PROBE_MIN: u64 = 64;
@@ -346,33 +407,52 @@ mod tests {
 
     #[test]
     fn probe_interval_doubles_when_confirmed_and_resets_when_overturned() {
-        let mut s = Selector::new(125_000_000, 1, 4, 16, &[Method::Zstd]);
+        // zstd chosen (17 µs); zlib probes cost 50.5 µs (k = 2): intervals 4, 8, 16, 16
+        // and each next probe k intervals later.
+        let mut s = Selector::new(125_000_000, 1, 4, 16, &[Method::Zstd, Method::Zlib]);
         s.record(Method::Zstd, 1500, 5000);
-        let mut probes = Vec::new();
-        for page in 1..=40u64 {
+        s.record(Method::Zlib, 1300, 40_000);
+        let mut zlib_probes = Vec::new();
+        for page in 1..=120u64 {
             if let Choice::Probe { chosen, probe } = s.choose(false) {
-                assert_eq!((chosen, probe), (Method::Zstd, Method::None));
-                probes.push(page);
-                // Raw would have taken 32.9 µs against zstd's 17: confirmed, zstd sent.
-                let send = s.probe_done((chosen, Some(1500), 5000), (probe, None, 0));
-                assert_eq!(send, Method::Zstd);
+                assert_eq!(chosen, Method::Zstd);
+                let made = match probe {
+                    Method::Zlib => {
+                        zlib_probes.push(page);
+                        (probe, Some(1300), 40_000)
+                    }
+                    _ => (probe, Some(PAGE_SIZE), 0),
+                };
+                let send = s.probe_done((chosen, Some(1500), 5000), made);
+                assert_eq!(
+                    send,
+                    if probe == Method::Zlib {
+                        Method::Zlib
+                    } else {
+                        Method::Zstd
+                    }
+                );
             }
         }
-        // Intervals 4, 8, 16, 16...
-        assert_eq!(probes, vec![4, 12, 28]);
-        assert_eq!(s.probe_interval(Method::None), 16);
-        // Pages turn incompressible: the next probe overturns zstd at once.
-        let mut page = 40;
+        // (At page 4 raw and zlib are both due; raw goes first.)
+        assert_eq!(zlib_probes, vec![5, 21, 53, 85, 117]);
+        assert_eq!(s.probe_interval(Method::Zlib), 16);
+        // Raw probes are cheap and confirm: they stay every 4 pages.
+        assert_eq!(s.probe_interval(Method::None), 4);
+        // Pages turn incompressible: the next raw probe overturns zstd at once.
+        let mut page = 120;
         loop {
             page += 1;
-            if let Choice::Probe { chosen, probe } = s.choose(false) {
-                let send = s.probe_done((chosen, None, 6000), (probe, None, 0));
-                assert_eq!(send, Method::Zstd, "equal sizes: the chosen one is sent");
+            if let Choice::Probe {
+                chosen,
+                probe: Method::None,
+            } = s.choose(false)
+            {
+                let send = s.probe_done((chosen, None, 6000), (Method::None, Some(PAGE_SIZE), 0));
+                assert_eq!(send, Method::None);
                 break;
             }
         }
-        assert_eq!(s.probe_interval(Method::None), 4);
-        // Raw is chosen now (zstd, never probed while chosen, is due for a probe).
         assert!(
             matches!(
                 s.choose(false),
@@ -392,8 +472,8 @@ mod tests {
         s.record(Method::Zstd, 1500, 5_000);
         s.record(Method::Zlib, 1300, 40_000);
         s.record(Method::Xbzrle, 200, 500);
-        // Probes of raw and zlib keep confirming zstd: their intervals grow; XBZRLE's
-        // (never probed: no hit) stays at the minimum.
+        // Probes of zlib keep confirming zstd: its interval grows; raw's (cheap) and
+        // XBZRLE's (never probed: no hit) stay at the minimum.
         for _ in 0..3000 {
             if let Choice::Probe { chosen, probe } = s.choose(false) {
                 let made = match probe {
@@ -404,7 +484,11 @@ mod tests {
             }
         }
         assert_eq!(s.probe_interval(Method::Zlib), 1000);
-        assert_eq!(s.probe_interval(Method::None), 1000);
+        assert_eq!(
+            s.probe_interval(Method::None),
+            8,
+            "cheap probes stay frequent"
+        );
         assert_eq!(s.probe_interval(Method::Xbzrle), 8);
         // On a hit XBZRLE's small deltas are chosen.
         assert!(matches!(
@@ -415,6 +499,49 @@ mod tests {
                     ..
                 }
         ));
+    }
+
+    #[test]
+    fn a_hit_tries_a_cheap_delta_first_and_keeps_it_only_when_it_pays() {
+        let mut s = warmed(125_000_000, 1);
+        // Small cheap deltas, then three very slow ones: by the recent average
+        // XBZRLE (58 µs) loses to zstd (17 µs), but by its long-run mean CPU (3.4 µs)
+        // plus its size on the link (1.7 µs) a trial pays, so the delta is tried first.
+        for _ in 0..100 {
+            s.record(Method::Xbzrle, 200, 500);
+        }
+        for _ in 0..3 {
+            s.record(Method::Xbzrle, 200, 100_000);
+        }
+        assert_eq!(
+            s.choose(true),
+            Choice::TryXbzrle {
+                fallback: Method::Zstd
+            }
+        );
+        // 40 bytes: 0.4 µs on the link, kept; 3000 bytes: 24 µs, zstd instead.
+        assert!(s.keep_xbzrle(Some(40), Method::Zstd));
+        assert!(!s.keep_xbzrle(Some(3000), Method::Zstd));
+        assert!(!s.keep_xbzrle(None, Method::Zstd));
+        // Without a hit there is nothing to try.
+        assert_eq!(s.choose(false), Choice::Use(Method::Zstd));
+    }
+
+    #[test]
+    fn expensive_probes_come_less_often() {
+        // 3.125 GB/s, one core: raw is chosen (1.3 µs); zstd costs 5.5 µs, about 4×.
+        let mut s = Selector::new(3_125_000_000, 1, 8, 1000, &[Method::Zstd]);
+        s.record(Method::Zstd, 1500, 5000);
+        let mut probes = Vec::new();
+        for page in 1..=200u64 {
+            if let Choice::Probe { chosen, probe } = s.choose(false) {
+                assert_eq!((chosen, probe), (Method::None, Method::Zstd));
+                probes.push(page);
+                s.probe_done((chosen, Some(PAGE_SIZE), 0), (probe, Some(1500), 5000));
+            }
+        }
+        // First probe at 8, then 16 × 4 pages later, then 32 × 4.
+        assert_eq!(probes, vec![8, 72, 200]);
     }
 
     #[test]

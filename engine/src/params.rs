@@ -72,7 +72,7 @@ fn default_level_u32() -> u32 {
 /// | `xbzrle` | XBZRLE on a cache hit, else PAGE (turns the `xbzrle` capability on) |
 /// | `zstd` | our COMPRESSED record with a zstd frame at `multifd-zstd-level` (PAGE when it does not shrink; XBZRLE on a hit if the capability is on) |
 /// | `zlib` | as `zstd`, with zlib at `multifd-zlib-level` |
-/// | `auto` | per page, the method with the least estimated time on the measured link and CPU ([`precopy_compress::select`]); XBZRLE cache on |
+/// | `auto` | per page, among raw, XBZRLE (on a hit) and zstd, the one with the least estimated time on the measured link and CPU ([`precopy_compress::select`]); XBZRLE cache on |
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PageCompression {

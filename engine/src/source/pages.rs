@@ -12,7 +12,9 @@
 
 use std::time::Instant;
 
-use precopy_compress::select::{Choice, DEFAULT_PROBE_MAX, DEFAULT_PROBE_MIN, Selector};
+use precopy_compress::select::{
+    AUTO_CANDIDATES, Choice, DEFAULT_PROBE_MAX, DEFAULT_PROBE_MIN, Selector,
+};
 use precopy_compress::{CompressError, Levels, Method, PageCompressor};
 use precopy_pagecache::{CacheError, PageCache, Policy};
 use precopy_stream::{StreamWriter, WriteError};
@@ -106,7 +108,7 @@ impl Compression {
                 shards,
                 DEFAULT_PROBE_MIN,
                 DEFAULT_PROBE_MAX,
-                &[Method::Zstd, Method::Zlib],
+                AUTO_CANDIDATES,
             )
         });
         Ok(Compression {
@@ -204,14 +206,15 @@ impl Compression {
         let Some(sel) = self.selector.as_mut() else {
             return Kind::Page;
         };
-        let (chosen, probe) = match sel.choose(cached.is_some()) {
-            Choice::Use(m) => (m, None),
-            Choice::Probe { chosen, probe } => (chosen, Some(probe)),
+        let (chosen, probe, try_xbzrle) = match sel.choose(cached.is_some()) {
+            Choice::Use(m) => (m, None, false),
+            Choice::Probe { chosen, probe } => (chosen, Some(probe), false),
+            Choice::TryXbzrle { fallback } => (fallback, None, true),
         };
         let mut xbzrle = None;
         let x0 = self.cpu_ns[Method::Xbzrle.index()];
         if let Some(c) = cached {
-            if chosen == Method::Xbzrle || probe == Some(Method::Xbzrle) {
+            if try_xbzrle || chosen == Method::Xbzrle || probe == Some(Method::Xbzrle) {
                 match self.xbzrle(codec, slot, c, overflow) {
                     Ok(0) => return Kind::Unchanged,
                     Ok(n) => xbzrle = Some(n),
@@ -225,6 +228,15 @@ impl Compression {
             }
         }
         let xbzrle_ns = self.cpu_ns[Method::Xbzrle.index()] - x0;
+        if try_xbzrle
+            && let Some(n) = xbzrle
+            && self
+                .selector
+                .as_ref()
+                .is_some_and(|s| s.keep_xbzrle(Some(n), chosen))
+        {
+            return Kind::Xbzrle(n);
+        }
         // What chosen (frame) and probe (frame2) made of the page: payload (None = not
         // shrunk, sent raw) and CPU ns.
         let mut make = |m: Method, second: bool, this: &mut Self| -> (Method, Option<usize>, u64) {
