@@ -3,17 +3,24 @@
 //!
 //! # Model
 //!
-//! Getting one page across costs CPU on an encoding thread and time on the
-//! link. With `cores` encoding threads and a link of `B` bytes/s, the
-//! estimated time of method `m` for a page is
+//! Getting pages across costs CPU on the encoding threads and time on the
+//! link, and the two overlap (the transport sends while the next page is
+//! encoded; a rate limiter sleeps while it waits for budget). So the time of
+//! a run of pages is `max(CPU / cores, bytes / B)` for `cores` encoding
+//! threads and a link of `B` bytes/s, and the selector keeps both sums over
+//! recent pages (`C` and `L`, ns, decayed by [`Selector::DECAY`] per page;
+//! the caller reports each page with [`Selector::account`]). The estimated
+//! time after sending the next page with method `m` is
 //!
 //! ```text
-//! t(m) = cpu_ns(m) / cores  +  wire_bytes(m) / B
+//! t(m) = max(C + cpu_ns(m) / cores,  L + wire_bytes(m) / B)
 //! ```
 //!
 //! where `cpu_ns(m)` and `wire_bytes(m)` are moving averages (weight
 //! [`Selector::ALPHA`] for the newest page) of what `m` really cost on
-//! recent pages (a page that `m` did not shrink counts as a raw page).
+//! recent pages (a page that `m` did not shrink counts as a raw page). So
+//! while the link is the bottleneck, CPU is spent on smaller pages until it
+//! becomes one; while the CPU is, pages go raw: a mix no fixed method has.
 //! `none` costs no CPU here (writing the bytes is the link's share) and its
 //! size is known, so it is measured from the start. XBZRLE is a candidate
 //! only on a cache hit. The selector picks the method with the least `t`.
@@ -99,11 +106,17 @@ pub struct Selector {
     pages: u64,
     est: [Estimate; 4],
     candidates: [bool; 4],
+    /// Decayed CPU ns / cores of recent pages.
+    cpu_total: f64,
+    /// Decayed link ns of recent pages.
+    link_total: f64,
 }
 
 impl Selector {
     /// Weight of the newest page in the moving averages.
     pub const ALPHA: f64 = 1.0 / 4.0;
+    /// Per-page decay of the CPU and link sums (a window of about 1024 pages).
+    pub const DECAY: f64 = 1.0 - 1.0 / 1024.0;
 
     /// A selector for a link of `bandwidth` bytes/s (a first guess, updated
     /// by [`set_bandwidth`](Self::set_bandwidth)), `cores` encoding threads,
@@ -139,6 +152,8 @@ impl Selector {
             pages: 0,
             est,
             candidates: c,
+            cpu_total: 0.0,
+            link_total: 0.0,
         }
     }
 
@@ -178,11 +193,29 @@ impl Selector {
         e.cpu_ns_mean += (cpu_ns as f64 - e.cpu_ns_mean) / e.samples as f64;
     }
 
-    /// Estimated nanoseconds to get a page across with `method` (see the
-    /// model); `None` before it was measured.
+    /// Reports one page as sent: the CPU ns spent on it (every method tried)
+    /// and the payload bytes that went on the wire (0: nothing sent).
+    pub fn account(&mut self, cpu_ns: u64, payload: usize) {
+        self.cpu_total = self.cpu_total * Self::DECAY + cpu_ns as f64 / self.cores;
+        let link = if payload == 0 {
+            0.0
+        } else {
+            self.link_ns(payload)
+        };
+        self.link_total = self.link_total * Self::DECAY + link;
+    }
+
+    /// The model's time for a page costing `cpu_ns` and `wire_bytes`.
+    fn cost(&self, cpu_ns: f64, wire_bytes: f64) -> f64 {
+        (self.cpu_total + cpu_ns / self.cores)
+            .max(self.link_total + wire_bytes * 1e9 / self.bandwidth)
+    }
+
+    /// Estimated time (ns, the model's `t(m)`) after sending the next page with
+    /// `method`; `None` before it was measured.
     pub fn time_ns(&self, method: Method) -> Option<f64> {
         let e = &self.est[method.index()];
-        (e.samples > 0).then(|| e.cpu_ns / self.cores + e.wire_bytes * 1e9 / self.bandwidth)
+        (e.samples > 0).then(|| self.cost(e.cpu_ns, e.wire_bytes))
     }
 
     /// Nanoseconds on the link for `payload` bytes (CPU already spent).
@@ -191,6 +224,14 @@ impl Selector {
     }
 
     fn time_of(&self, payload: Option<usize>, cpu_ns: u64) -> f64 {
+        self.cost(
+            cpu_ns as f64,
+            (payload.unwrap_or(PAGE_SIZE) as u64 + RECORD_OVERHEAD) as f64,
+        )
+    }
+
+    /// One page's own time (CPU + link), for comparing probe costs.
+    fn page_time(&self, payload: Option<usize>, cpu_ns: u64) -> f64 {
         cpu_ns as f64 / self.cores + self.link_ns(payload.unwrap_or(PAGE_SIZE))
     }
 
@@ -202,14 +243,17 @@ impl Selector {
         }
     }
 
-    /// The measured eligible method with the least estimated time.
+    /// The measured eligible method with the least estimated time; near ties
+    /// (a resource with slack) go to the method with less work per page.
     fn best(&self, hit: bool) -> Method {
         let mut best = (Method::None, f64::INFINITY);
         for m in Method::ALL {
-            if let Some(t) = self.eligible(m, hit).then(|| self.time_ns(m)).flatten()
-                && t < best.1
-            {
-                best = (m, t);
+            let e = &self.est[m.index()];
+            if let Some(t) = self.eligible(m, hit).then(|| self.time_ns(m)).flatten() {
+                let t = t + 1e-3 * (e.cpu_ns / self.cores + e.wire_bytes * 1e9 / self.bandwidth);
+                if t < best.1 {
+                    best = (m, t);
+                }
             }
         }
         best.0
@@ -249,7 +293,7 @@ impl Selector {
     /// its recent average size on the link.
     fn xbzrle_trial_ns(&self) -> f64 {
         let e = &self.est[Method::Xbzrle.index()];
-        e.cpu_ns_mean / self.cores + e.wire_bytes * 1e9 / self.bandwidth
+        self.cost(e.cpu_ns_mean, e.wire_bytes)
     }
 
     /// After [`Choice::TryXbzrle`]: keep the delta (`payload` bytes, `None` on
@@ -257,7 +301,7 @@ impl Selector {
     /// fallback's estimated time.
     pub fn keep_xbzrle(&self, payload: Option<usize>, fallback: Method) -> bool {
         match (payload, self.time_ns(fallback)) {
-            (Some(n), Some(t)) => self.link_ns(n) <= t,
+            (Some(n), Some(t)) => self.time_of(Some(n), 0) <= t,
             (Some(_), None) => true,
             (None, _) => false,
         }
@@ -278,8 +322,13 @@ impl Selector {
             self.time_of(chosen.1, chosen.2),
             self.time_of(probe.1, probe.2),
         );
+        let (pc, pp) = (
+            self.page_time(chosen.1, chosen.2),
+            self.page_time(probe.1, probe.2),
+        );
         let i = probe.0.index();
-        if tp < tc {
+        // Near ties (a resource with slack) go to less work, as in `best`.
+        if tp + 1e-3 * pp < tc + 1e-3 * pc {
             self.interval[i] = self.probe_min;
             for (m, payload, ns) in [chosen, probe] {
                 let e = &mut self.est[m.index()];
@@ -292,7 +341,7 @@ impl Selector {
             // A probe that costs k times the choice comes k times less often, and
             // backs off further while it keeps confirming; a cheap one (k < 2, e.g.
             // an XBZRLE delta or a raw page) stays frequent.
-            let k = (tp / tc.max(1.0)).clamp(1.0, 64.0) as u64;
+            let k = (pp / pc.max(1.0)).clamp(1.0, 64.0) as u64;
             if k >= 2 {
                 self.interval[i] = (self.interval[i] * 2).min(self.probe_max);
             }
@@ -542,6 +591,24 @@ mod tests {
         }
         // First probe at 8, then 16 × 4 pages later, then 32 × 4.
         assert_eq!(probes, vec![8, 72, 200]);
+    }
+
+    #[test]
+    fn the_bottleneck_decides_whether_cpu_is_spent() {
+        // 3.125 GB/s, one core, nothing sent yet: raw (1.3 µs) beats zstd (5 µs of CPU).
+        let mut s = warmed(3_125_000_000, 1);
+        assert_eq!(s.choose(false), Choice::Use(Method::None));
+        // The link is behind (raw pages queued, CPU idle): CPU is free, so the
+        // smallest page wins, even zlib's 40 µs.
+        for _ in 0..100 {
+            s.account(0, PAGE_SIZE);
+        }
+        assert_eq!(s.choose(false), Choice::Use(Method::Zlib));
+        // Now the CPU is behind: raw pages again.
+        for _ in 0..100 {
+            s.account(50_000, 1500);
+        }
+        assert_eq!(s.choose(false), Choice::Use(Method::None));
     }
 
     #[test]

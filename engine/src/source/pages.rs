@@ -195,8 +195,30 @@ impl Compression {
         r.map_err(|_| *overflow += 1)
     }
 
-    /// `auto`: the selector's choice (and, on a probe, one more method), the shorter sent.
+    /// `auto`: the selector's choice (and, on a probe, one more method), the shorter
+    /// sent; the page's CPU and bytes are reported to the selector.
     fn auto(
+        &mut self,
+        codec: &Codec,
+        slot: &mut Slot,
+        cached: Option<&mut Page>,
+        overflow: &mut u64,
+    ) -> Kind {
+        let before: u64 = self.cpu_ns.iter().sum();
+        let kind = self.auto_choose(codec, slot, cached, overflow);
+        let spent = self.cpu_ns.iter().sum::<u64>() - before;
+        let payload = match kind {
+            Kind::Page => PAGE_SIZE,
+            Kind::Xbzrle(n) | Kind::Compressed(_, n) => n,
+            Kind::Zero | Kind::Unchanged => 0,
+        };
+        if let Some(s) = &mut self.selector {
+            s.account(spent, payload);
+        }
+        kind
+    }
+
+    fn auto_choose(
         &mut self,
         codec: &Codec,
         slot: &mut Slot,
