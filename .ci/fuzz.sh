@@ -39,6 +39,8 @@ echo "XBZRLE_REQUIRE_BACKENDS=${XBZRLE_REQUIRE_BACKENDS:-}"
 step "seed checks (stable cargo test of fuzz/src/lib.rs)"
 cargo test --manifest-path fuzz/Cargo.toml
 
+# Every [[bin]] of fuzz/Cargo.toml: xbzrle_decode xbzrle_encode_diff
+# xbzrle_roundtrip zero_diff stream_records stream_load stream_compressed.
 targets=${FUZZ_TARGETS:-$(cargo +nightly fuzz list)}
 echo "targets: $(echo $targets)"
 
@@ -53,6 +55,7 @@ max_len() {
     case "$1" in
         xbzrle_*) echo 8192 ;;
         zero_diff) echo 4096 ;;
+        stream_compressed) echo 9000 ;;
         stream_*) echo 65536 ;;
         mapped_ram_*) echo 65536 ;;
         *) echo 4096 ;;

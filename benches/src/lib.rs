@@ -6,6 +6,8 @@
 //!
 //! Other benches (pagecache, stream, engine) may use these generators.
 
+pub mod corpus;
+
 use rand::{Rng, RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 pub use xbzrle::{PAGE_SIZE, Page};

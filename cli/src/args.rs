@@ -113,6 +113,8 @@ pub(crate) struct MigrateArgs {
     /// Exit status is non-zero only when the migration failed or verification was false.
     #[arg(long)]
     pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) compression: crate::compression::CompressionArgs,
 }
 
 /// Arguments of `precopy incoming`.
@@ -152,7 +154,7 @@ pub(crate) struct IncomingArgs {
 
 /// The parameter update and capabilities the options ask for.
 pub(crate) fn parameters_from(args: &MigrateArgs) -> (ParameterUpdate, Capabilities) {
-    let u = ParameterUpdate {
+    let mut u = ParameterUpdate {
         max_bandwidth: args.max_bandwidth,
         avail_switchover_bandwidth: args.avail_switchover_bandwidth,
         downtime_limit: args.downtime_limit,
@@ -162,12 +164,14 @@ pub(crate) fn parameters_from(args: &MigrateArgs) -> (ParameterUpdate, Capabilit
         cpu_throttle_tailslow: args.cpu_throttle_tailslow.map(OnOff::on),
         max_cpu_throttle: args.max_cpu_throttle,
         throttle_trigger_threshold: args.throttle_trigger_threshold,
+        ..Default::default()
     };
-    let c = Capabilities {
+    let mut c = Capabilities {
         xbzrle: args.xbzrle.on(),
         auto_converge: args.auto_converge.on(),
         x_parallel_encoding: args.parallel_encoding.on(),
     };
+    args.compression.apply(&mut u, &mut c);
     (u, c)
 }
 

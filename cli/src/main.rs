@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod args;
+mod compression;
 mod destination;
 mod guest_kind;
 mod incoming;

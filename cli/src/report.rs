@@ -75,6 +75,7 @@ pub(crate) fn print_summary(
     if let Some(t) = info.cpu_throttle_percentage {
         println!("cpu throttle percentage: {t}");
     }
+    crate::compression::print_page_compression(info);
     if info.status != MigrationStatus::Completed {
         println!(
             "verified: no (the migration {}, nothing to verify)",

@@ -77,8 +77,9 @@ impl fmt::Display for MigrationStatus {
 /// RAM statistics (QEMU `MigrationStats`).
 ///
 /// Every page handled by the loop is counted once in exactly one of `duplicate` (ZERO
-/// record), `normal` (PAGE record), the XBZRLE cache's `pages` (XBZRLE record), or is
-/// unchanged since its cached copy and not sent at all (not counted here).
+/// record), `normal` (PAGE record), the XBZRLE cache's `pages` (XBZRLE record), the zstd or
+/// zlib `pages` of [`PageCompressionStats`] (our COMPRESSED record), or is unchanged since
+/// its cached copy and not sent at all (not counted here).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct RamStats {
@@ -132,6 +133,38 @@ pub struct XbzrleCacheStats {
     pub overflow: u64,
 }
 
+/// Pages, bytes and CPU time of one page compression method (ours, `query-migrate` style).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MethodStats {
+    /// Pages sent with this method.
+    pub pages: u64,
+    /// Stream bytes of their records (headers included).
+    pub bytes: u64,
+    /// Nanoseconds spent encoding with this method on the encoding threads, summed over
+    /// threads, including `auto`'s probes (pages encoded but sent another way).
+    pub cpu_time_ns: u64,
+}
+
+/// Per-method statistics of `page-compression` (ours). Zero pages and unchanged pages are
+/// in [`RamStats`] only; every other page is in exactly one method here.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PageCompressionStats {
+    /// The `page-compression` in force (`none`, `xbzrle`, `zstd`, `zlib`, `auto`).
+    pub method: String,
+    /// PAGE records.
+    pub none: MethodStats,
+    /// XBZRLE records.
+    pub xbzrle: MethodStats,
+    /// Our COMPRESSED records with zstd frames.
+    pub zstd: MethodStats,
+    /// Our COMPRESSED records with zlib frames.
+    pub zlib: MethodStats,
+    /// The link rate the `auto` selector used last, bytes/s (0 unless `auto`).
+    pub link_bandwidth: u64,
+}
+
 /// The `query-migrate` answer.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -159,6 +192,9 @@ pub struct MigrationInfo {
     /// Auto-converge throttle in force, % (only when throttling).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_percentage: Option<u8>,
+    /// Per-method page compression statistics (ours; once the migration has started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_compression: Option<PageCompressionStats>,
     /// Why the migration failed: the rendered message of the typed error
     /// that failed it. A `String` on purpose: this mirrors QMP's
     /// `error-desc` of `query-migrate`, a human-readable text.

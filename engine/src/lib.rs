@@ -71,9 +71,14 @@ pub use guest::{
     DeviceStateEntry, DirtyLog, Guest, GuestError, GuestRam, Hooked, RamBlockInfo, SharedGuest,
     SyncHook, Throttle, VcpuControl, block_pages,
 };
-pub use info::{MigrationInfo, MigrationStatus, RamStats, StateChange, XbzrleCacheStats};
+pub use info::{
+    MethodStats, MigrationInfo, MigrationStatus, PageCompressionStats, RamStats, StateChange,
+    XbzrleCacheStats,
+};
 pub use migrator::{BlockerId, MigrateError, Migrator};
-pub use params::{Capabilities, MigrationParameters, ParameterError, ParameterUpdate};
+pub use params::{
+    Capabilities, MigrationParameters, PageCompression, ParameterError, ParameterUpdate,
+};
 pub use relay::{RelayError, RelayFailure, RelayOptions, RelaySide, RelayStats, relay};
 pub use transport::{IncomingListener, MigrationSink, MigrationUri, Outgoing, TransportError};
 

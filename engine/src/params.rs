@@ -42,6 +42,98 @@ pub struct MigrationParameters {
     /// `throttle-trigger-threshold`: dirtied/sent ratio, %, that counts a period as
     /// non-converging; 1..=100, default 50.
     pub throttle_trigger_threshold: u8,
+    /// `page-compression` (ours): how a page that is not zero and not unchanged is sent;
+    /// default `none` (see [`PageCompression`]).
+    #[serde(default)]
+    pub page_compression: PageCompression,
+    /// `multifd-zstd-level`: zstd level of `page-compression=zstd` (and of `auto`'s zstd
+    /// pages), 0..=20, default 1 (QEMU's name, range and default).
+    #[serde(default = "default_level_i32")]
+    pub multifd_zstd_level: i32,
+    /// `multifd-zlib-level`: zlib level of `page-compression=zlib`, 0..=9, default 1.
+    #[serde(default = "default_level_u32")]
+    pub multifd_zlib_level: u32,
+}
+
+fn default_level_i32() -> i32 {
+    1
+}
+
+fn default_level_u32() -> u32 {
+    1
+}
+
+/// `page-compression` (our extension): the method for pages that are sent (QEMU's names;
+/// QEMU offers zlib/zstd only as `multifd-compression`, on multifd channels).
+///
+/// | value | pages that are not zero and not unchanged |
+/// |---|---|
+/// | `none` | PAGE records (XBZRLE as the `xbzrle` capability says) |
+/// | `xbzrle` | XBZRLE on a cache hit, else PAGE (turns the `xbzrle` capability on) |
+/// | `zstd` | our COMPRESSED record with a zstd frame at `multifd-zstd-level` (PAGE when it does not shrink; XBZRLE on a hit if the capability is on) |
+/// | `zlib` | as `zstd`, with zlib at `multifd-zlib-level` |
+/// | `auto` | per page, among raw, XBZRLE (on a hit) and zstd, the one with the least estimated time on the measured link and CPU ([`precopy_compress::select`]); XBZRLE cache on |
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PageCompression {
+    /// Raw pages.
+    #[default]
+    None,
+    /// XBZRLE deltas on cache hits.
+    Xbzrle,
+    /// zstd per page.
+    Zstd,
+    /// zlib per page.
+    Zlib,
+    /// The adaptive per-page choice.
+    Auto,
+}
+
+impl PageCompression {
+    /// Every value, in order.
+    pub const ALL: [PageCompression; 5] = [
+        PageCompression::None,
+        PageCompression::Xbzrle,
+        PageCompression::Zstd,
+        PageCompression::Zlib,
+        PageCompression::Auto,
+    ];
+
+    /// The name: `none`, `xbzrle`, `zstd`, `zlib`, `auto`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PageCompression::None => "none",
+            PageCompression::Xbzrle => "xbzrle",
+            PageCompression::Zstd => "zstd",
+            PageCompression::Zlib => "zlib",
+            PageCompression::Auto => "auto",
+        }
+    }
+
+    /// True when this mode keeps an XBZRLE cache (`xbzrle`, `auto`).
+    pub fn needs_xbzrle_cache(self) -> bool {
+        matches!(self, PageCompression::Xbzrle | PageCompression::Auto)
+    }
+}
+
+impl std::fmt::Display for PageCompression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for PageCompression {
+    type Err = ParameterError;
+    fn from_str(s: &str) -> Result<Self, ParameterError> {
+        PageCompression::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or(ParameterError {
+                name: "page-compression",
+                value: 0,
+                expected: "one of none, xbzrle, zstd, zlib, auto",
+            })
+    }
 }
 
 impl Default for MigrationParameters {
@@ -56,6 +148,9 @@ impl Default for MigrationParameters {
             cpu_throttle_tailslow: false,
             max_cpu_throttle: 99,
             throttle_trigger_threshold: 50,
+            page_compression: PageCompression::None,
+            multifd_zstd_level: 1,
+            multifd_zlib_level: 1,
         }
     }
 }
@@ -86,6 +181,16 @@ pub struct ParameterUpdate {
     pub cpu_throttle_tailslow: Option<bool>,
     pub max_cpu_throttle: Option<u8>,
     pub throttle_trigger_threshold: Option<u8>,
+    /// `page-compression` (ours). Read when a migration starts: a change during a
+    /// migration takes effect at the next one.
+    #[serde(default)]
+    pub page_compression: Option<PageCompression>,
+    /// `multifd-zstd-level` (read when a migration starts).
+    #[serde(default)]
+    pub multifd_zstd_level: Option<i32>,
+    /// `multifd-zlib-level` (read when a migration starts).
+    #[serde(default)]
+    pub multifd_zlib_level: Option<u32>,
 }
 
 fn pct(name: &'static str, v: u8, max: u8) -> Result<(), ParameterError> {
@@ -121,6 +226,20 @@ impl MigrationParameters {
                 expected: "a power of two no less than the target page size (4096)",
             });
         }
+        if !(0..=precopy_compress::MAX_ZSTD_LEVEL).contains(&self.multifd_zstd_level) {
+            return Err(ParameterError {
+                name: "multifd-zstd-level",
+                value: self.multifd_zstd_level as u64,
+                expected: "an integer in the range of 0 to 20",
+            });
+        }
+        if self.multifd_zlib_level > precopy_compress::MAX_ZLIB_LEVEL {
+            return Err(ParameterError {
+                name: "multifd-zlib-level",
+                value: self.multifd_zlib_level.into(),
+                expected: "an integer in the range of 0 to 9",
+            });
+        }
         pct("cpu-throttle-initial", self.cpu_throttle_initial, 99)?;
         pct("cpu-throttle-increment", self.cpu_throttle_increment, 99)?;
         pct("max-cpu-throttle", self.max_cpu_throttle, 99)?;
@@ -147,7 +266,10 @@ impl MigrationParameters {
             cpu_throttle_increment,
             cpu_throttle_tailslow,
             max_cpu_throttle,
-            throttle_trigger_threshold
+            throttle_trigger_threshold,
+            page_compression,
+            multifd_zstd_level,
+            multifd_zlib_level
         );
         next.validate()?;
         *self = next;
@@ -186,6 +308,27 @@ mod tests {
         assert_eq!(j["cpu-throttle-increment"], 10);
         assert_eq!(j["max-cpu-throttle"], 99);
         assert_eq!(j["throttle-trigger-threshold"], 50);
+        assert_eq!(j["page-compression"], "none");
+        assert_eq!(j["multifd-zstd-level"], 1);
+        assert_eq!(j["multifd-zlib-level"], 1);
+    }
+
+    #[test]
+    fn compression_levels_outside_qemus_ranges_are_rejected() {
+        let p = MigrationParameters {
+            multifd_zstd_level: 21,
+            ..Default::default()
+        };
+        assert_eq!(p.validate().unwrap_err().name, "multifd-zstd-level");
+        let p = MigrationParameters {
+            multifd_zlib_level: 10,
+            ..Default::default()
+        };
+        assert_eq!(p.validate().unwrap_err().name, "multifd-zlib-level");
+        for m in PageCompression::ALL {
+            assert_eq!(m.name().parse::<PageCompression>().unwrap(), m);
+        }
+        assert!("lz4".parse::<PageCompression>().is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! - the file header, the configuration section, every section header and footer, the
 //!   MEM_SIZE and EOS records, and our own device sections are forwarded byte for byte;
-//! - every page record (ZERO, PAGE, XBZRLE) is decoded onto the relay's own copy of the
+//! - every page record (ZERO, PAGE, XBZRLE, and our COMPRESSED) is decoded onto the relay's own copy of the
 //!   RAM (a [`Loader`] over a [`RamImage`](precopy_stream::RamImage), with all of the
 //!   reader's checks) and written again by our encoder ([`Encoder::page_records_only`]): a
 //!   ZERO record for a zero page; with XBZRLE on (the relay's choice, independent of the
@@ -77,6 +77,9 @@ pub struct PageCounts {
     pub normal: u64,
     /// XBZRLE records.
     pub xbzrle: u64,
+    /// Our per-page compressed records (zstd, zlib: in only; the relay writes QEMU's
+    /// record kinds).
+    pub compressed: u64,
     /// Pages not sent: equal to their previous content, so the destination has them
     /// (out only, with XBZRLE on; QEMU's XBZRLE skips them the same way).
     pub skipped: u64,
@@ -231,7 +234,8 @@ fn page_of(rec: &RamRecord<'_>) -> Option<(usize, u64)> {
     match *rec {
         RamRecord::Zero { block, offset, .. }
         | RamRecord::Page { block, offset, .. }
-        | RamRecord::Xbzrle { block, offset, .. } => Some((block, offset)),
+        | RamRecord::Xbzrle { block, offset, .. }
+        | RamRecord::Compressed { block, offset, .. } => Some((block, offset)),
         _ => None,
     }
 }
@@ -263,7 +267,8 @@ impl Ram {
         match rec {
             RamRecord::Zero { .. } => stats.pages_in.zero += 1,
             RamRecord::Page { .. } => stats.pages_in.normal += 1,
-            _ => stats.pages_in.xbzrle += 1,
+            RamRecord::Xbzrle { .. } => stats.pages_in.xbzrle += 1,
+            _ => stats.pages_in.compressed += 1,
         }
         let enc_err = |source| RelayError::Encode { offset, source };
         let (Some(enc), Some(data)) =
@@ -382,7 +387,8 @@ fn run<R: Read, W: Write>(
                     Item::Ram(
                         rec @ (RamRecord::Zero { .. }
                         | RamRecord::Page { .. }
-                        | RamRecord::Xbzrle { .. }),
+                        | RamRecord::Xbzrle { .. }
+                        | RamRecord::Compressed { .. }),
                     ) => ram.reencode(offset, rec, out, stats)?,
                     Item::Ram(RamRecord::MemSize { blocks, .. }) => {
                         ram.bases = blocks

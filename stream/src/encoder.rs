@@ -379,6 +379,40 @@ impl Encoder {
         Ok(())
     }
 
+    /// Appends our compressed-page record (see [`format`](crate::format)):
+    /// method byte, be16 length, `frame` (from
+    /// [`precopy_compress::PageCompressor::compress`] with `method`,
+    /// 1..=4096 bytes). Not a QEMU record: only readers of this crate load it.
+    ///
+    /// # Errors
+    /// [`WriteError::NotACompressedMethod`] for `none` and `xbzrle`,
+    /// [`WriteError::TooLong`] for a frame over 4096 bytes or an empty one,
+    /// else as [`zero_page`](Self::zero_page).
+    pub fn compressed_page(
+        &mut self,
+        out: &mut Vec<u8>,
+        block: usize,
+        offset: u64,
+        method: precopy_compress::Method,
+        frame: &[u8],
+    ) -> Result<(), WriteError> {
+        let id = method
+            .wire_id()
+            .ok_or(WriteError::NotACompressedMethod { method })?;
+        if frame.is_empty() || frame.len() > MAX_COMPRESSED_FRAME {
+            return Err(WriteError::TooLong {
+                what: "compressed page frame (1..=4096)",
+                len: frame.len() as u64,
+                limit: MAX_COMPRESSED_FRAME as u64,
+            });
+        }
+        self.page_header(out, "compressed page", block, offset, FLAG_COMPRESSED)?;
+        out.push(id);
+        out.extend_from_slice(&(frame.len() as u16).to_be_bytes());
+        out.extend_from_slice(frame);
+        Ok(())
+    }
+
     fn alloc_section_id(&mut self) -> u32 {
         if self.next_section_id == self.ram_section_id {
             self.next_section_id = self.next_section_id.wrapping_add(1);

@@ -148,6 +148,15 @@ pub enum FormatError {
     /// The XBZRLE delta does not apply to the page (the page is untouched).
     #[error("XBZRLE delta refused: {0}")]
     Xbzrle(xbzrle::DecodeError),
+    /// Our compressed-page record with a method byte we do not know.
+    #[error("compressed page with unknown method byte {byte:#04x}")]
+    UnknownPageCompression {
+        /// The byte read.
+        byte: u8,
+    },
+    /// Our compressed-page record's frame does not decode to one page (the page is untouched).
+    #[error("compressed page refused: {0}")]
+    PageCompression(precopy_compress::DecompressError),
     /// Valid QEMU data for a feature this crate does not load (compress, RDMA, commands).
     #[error("unsupported: {what}")]
     Unsupported {
@@ -287,6 +296,13 @@ pub enum WriteError {
         len: u64,
         /// The limit.
         limit: u64,
+    },
+    /// A method that has no compressed-page record (`none`, `xbzrle` have
+    /// records of their own).
+    #[error("no compressed-page record for method {method}")]
+    NotACompressedMethod {
+        /// The method given.
+        method: precopy_compress::Method,
     },
     /// A call out of order (e.g. a page outside a ram section).
     #[error("{op} not allowed {state}")]

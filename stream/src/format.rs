@@ -58,8 +58,33 @@
 //! | 0x80 | HOOK | nothing here (RDMA transfers the data out of band) |
 //! | 0x100 | COMPRESS_PAGE | [block name], be32 length ≤ 4110, zlib data (`compress` capability) |
 //!
+//! | 0x800 | COMPRESSED (ours) | [block name], u8 method, be16 length 1..=4096, the frame (see below) |
+//!
 //! `[block name]` is u8 length + name bytes, present exactly when CONTINUE
 //! is not set. The previous block carries across section boundaries.
+//!
+//! # Our compressed-page record (an extension)
+//!
+//! QEMU's single-channel stream has no zstd page (zstd and zlib exist only
+//! as `multifd-compression`, on multifd channels). We send a page compressed
+//! per page as a `ram` record of our own, flag [`FLAG_COMPRESSED`] (0x800,
+//! a bit QEMU 7.2..10 never sets; QEMU refuses the record as an unknown
+//! flag combination):
+//!
+//! ```text
+//! be64 offset | 0x800 [| 0x20 CONTINUE]
+//! [u8 len + block name]          when CONTINUE is not set
+//! u8   method                    0x01 zstd (one zstd frame), 0x02 zlib (one zlib stream)
+//! be16 length                    1..=4096 (a page that does not shrink is sent as PAGE)
+//! length bytes                   the frame; it must inflate to exactly 4096 bytes
+//! ```
+//!
+//! Each page is compressed on its own (no state across records), at the
+//! levels `multifd-zstd-level` / `multifd-zlib-level`. A reader of this crate
+//! refuses an unknown method byte ([`FormatError::UnknownPageCompression`](crate::FormatError::UnknownPageCompression)) and a
+//! frame that is corrupt, short, or inflates past 4096 bytes
+//! ([`FormatError::PageCompression`](crate::FormatError::PageCompression)), at the record's offset, leaving
+//! the page untouched. The frames are made and read by `precopy-compress`.
 
 /// Page size of the stream (QEMU's `TARGET_PAGE_SIZE` on x86 and arm).
 pub const PAGE_SIZE: usize = xbzrle::PAGE_SIZE;
@@ -115,6 +140,11 @@ pub const FLAG_XBZRLE: u64 = 0x40;
 pub const FLAG_HOOK: u64 = 0x80;
 /// `RAM_SAVE_FLAG_COMPRESS_PAGE`: a zlib-compressed page (`compress` capability).
 pub const FLAG_COMPRESS_PAGE: u64 = 0x100;
+
+/// Our compressed-page record (not QEMU's): see the module docs.
+pub const FLAG_COMPRESSED: u64 = 0x800;
+/// Largest frame of our compressed-page record: one page.
+pub const MAX_COMPRESSED_FRAME: usize = PAGE_SIZE;
 
 /// `ENCODING_FLAG_XBZRLE`: the encoding byte of an XBZRLE record.
 pub const ENCODING_XBZRLE: u8 = 0x01;

@@ -33,8 +33,13 @@
 //!   destination must read that far, or a QEMU source sees its last writes
 //!   fail and reports the migration failed.
 //! * EOF, then the VM description JSON: returned ([`Loaded::vm_description`]).
-//! * COMMAND sections, compressed pages, RDMA hooks: framing is decoded; the
-//!   loader refuses them as [`FormatError::Unsupported`].
+//! * our COMPRESSED record (flag 0x800, an extension: a zstd or zlib frame of
+//!   one page, see [`format`](mod@format)): the loader inflates it into the
+//!   page, bounded to 4096 bytes and all-or-nothing; an unknown method byte
+//!   or a bad frame is refused at the record's offset, page untouched.
+//! * COMMAND sections, QEMU's COMPRESS_PAGE (`compress` capability), RDMA
+//!   hooks: framing is decoded; the loader refuses them as
+//!   [`FormatError::Unsupported`].
 //!
 //! # mapped-ram files
 //!

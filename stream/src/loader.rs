@@ -39,6 +39,10 @@ pub struct LoadStats {
     pub page: KindStats,
     /// XBZRLE records.
     pub xbzrle: KindStats,
+    /// Our compressed-page records with zstd frames.
+    pub zstd: KindStats,
+    /// Our compressed-page records with zlib frames.
+    pub zlib: KindStats,
     /// EOS records.
     pub eos: KindStats,
     /// Sum of the XBZRLE deltas' lengths (without the 3-byte encoding/length prefix).
@@ -159,7 +163,8 @@ pub enum Control {
 /// [`RamTarget`] `T` (default [`RamImage`]).
 ///
 /// ZERO fills the page, PAGE copies it, XBZRLE decodes onto the current page
-/// with [`xbzrle::decode`] (all-or-nothing), each straight into the page the
+/// with [`xbzrle::decode`] (all-or-nothing), our COMPRESSED record inflates
+/// its zstd/zlib frame (bounded, all-or-nothing), each straight into the page the
 /// target hands out, so the RAM is held once, wherever the target keeps it.
 /// The target sets up its blocks when MEM_SIZE arrives
 /// ([`RamTarget::set_blocks`]), bounded by [`Limits::max_ram_bytes`]. Our device
@@ -178,6 +183,9 @@ pub struct Loader<T = RamImage> {
     file_version: Option<u32>,
     stop: Option<StopReason>,
     foreign: Option<ForeignDeviceState>,
+    /// Made at the first COMPRESSED record (zstd allocates a context): a stream without
+    /// one never touches zstd or zlib.
+    decompressor: Option<Box<precopy_compress::PageDecompressor>>,
 }
 
 /// The result of [`load`] (and of [`Loader::finish`], for any target `T`).
@@ -248,6 +256,7 @@ impl<T: RamTarget> Loader<T> {
             file_version: None,
             stop: None,
             foreign: None,
+            decompressor: None,
         }
     }
 
@@ -349,7 +358,8 @@ impl<T: RamTarget> Loader<T> {
             RamRecord::Eos => self.stats.eos.add(len),
             RamRecord::Zero { named, .. }
             | RamRecord::Page { named, .. }
-            | RamRecord::Xbzrle { named, .. } => {
+            | RamRecord::Xbzrle { named, .. }
+            | RamRecord::Compressed { named, .. } => {
                 self.apply_page_record(offset, rec, len)?;
                 if named {
                     self.stats.records_with_block_name += 1;
@@ -388,10 +398,18 @@ impl<T: RamTarget> Loader<T> {
         let (block, page) = match *rec {
             RamRecord::Zero { block, offset, .. }
             | RamRecord::Page { block, offset, .. }
-            | RamRecord::Xbzrle { block, offset, .. } => (block, offset),
+            | RamRecord::Xbzrle { block, offset, .. }
+            | RamRecord::Compressed { block, offset, .. } => (block, offset),
             _ => return Ok(()),
         };
-        self.write_page(offset, block, page, |p| match *rec {
+        let decompressor = match rec {
+            RamRecord::Compressed { .. } => Some(
+                self.decompressor
+                    .get_or_insert_with(|| Box::new(precopy_compress::PageDecompressor::new())),
+            ),
+            _ => None,
+        };
+        write_page(&mut self.image, offset, block, page, |p| match *rec {
             // As QEMU (`ram_handle_compressed`): write only when the page is
             // not already all `fill`, so never-touched RAM stays unmapped.
             RamRecord::Zero { fill, .. } if fill != 0 || *p != [0u8; PAGE_SIZE] => {
@@ -405,6 +423,12 @@ impl<T: RamTarget> Loader<T> {
             RamRecord::Xbzrle { delta, .. } => {
                 xbzrle::decode(delta, p).map_err(|e| fmt_err(offset, FormatError::Xbzrle(e)))
             }
+            RamRecord::Compressed { method, frame, .. } => match decompressor {
+                Some(d) => d
+                    .decompress(method, frame, p)
+                    .map_err(|e| fmt_err(offset, FormatError::PageCompression(e))),
+                None => Ok(()),
+            },
             _ => Ok(()),
         })?;
         match *rec {
@@ -414,37 +438,14 @@ impl<T: RamTarget> Loader<T> {
                 self.stats.xbzrle.add(len);
                 self.stats.xbzrle_delta_bytes += delta.len() as u64;
             }
+            RamRecord::Compressed {
+                method: precopy_compress::Method::Zlib,
+                ..
+            } => self.stats.zlib.add(len),
+            RamRecord::Compressed { .. } => self.stats.zstd.add(len),
             _ => {}
         }
         Ok(())
-    }
-
-    /// Runs `write` on page `page` of block index `block`, for the record at
-    /// stream `offset`; [`FormatError::PageOutsideBlock`] when the image has
-    /// no such page.
-    fn write_page(
-        &mut self,
-        offset: u64,
-        block: usize,
-        page: u64,
-        write: impl FnOnce(&mut Page) -> Result<(), Error>,
-    ) -> Result<(), Error> {
-        let Some(p) = self.image.page_mut(block, page) else {
-            let (name, length) = self
-                .image
-                .block_info(block)
-                .map(|(name, len)| (name.to_owned(), len))
-                .unwrap_or_else(|| (format!("#{block}"), 0));
-            return Err(fmt_err(
-                offset,
-                FormatError::PageOutsideBlock {
-                    block: name,
-                    offset: page,
-                    length,
-                },
-            ));
-        };
-        write(p)
     }
 
     /// Reads and applies items from `reader` until the stream ends or a
@@ -564,4 +565,31 @@ pub fn load<R: Read>(input: R, limits: Limits) -> Result<Loaded, Error> {
     let mut loader = Loader::new(limits);
     loader.load_from(&mut reader)?;
     loader.finish()
+}
+
+/// Runs `write` on page `page` of block index `block`, for the record at
+/// stream `offset`; [`FormatError::PageOutsideBlock`] when the image has
+/// no such page.
+fn write_page<T: RamTarget>(
+    image: &mut T,
+    offset: u64,
+    block: usize,
+    page: u64,
+    write: impl FnOnce(&mut Page) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let Some(p) = image.page_mut(block, page) else {
+        let (name, length) = image
+            .block_info(block)
+            .map(|(name, len)| (name.to_owned(), len))
+            .unwrap_or_else(|| (format!("#{block}"), 0));
+        return Err(fmt_err(
+            offset,
+            FormatError::PageOutsideBlock {
+                block: name,
+                offset: page,
+                length,
+            },
+        ));
+    };
+    write(p)
 }

@@ -252,6 +252,20 @@ impl<W: Write> StreamWriter<W> {
         self.record(|enc, out| enc.xbzrle_page(out, block, offset, delta))
     }
 
+    /// Our compressed-page record. See [`Encoder::compressed_page`].
+    ///
+    /// # Errors
+    /// As [`Encoder::compressed_page`], plus [`WriteError::Io`].
+    pub fn write_compressed_page(
+        &mut self,
+        block: usize,
+        offset: u64,
+        method: precopy_compress::Method,
+        frame: &[u8],
+    ) -> Result<(), WriteError> {
+        self.record(|enc, out| enc.compressed_page(out, block, offset, method, frame))
+    }
+
     /// One of our device sections; returns its section id. See [`Encoder::device_state`].
     ///
     /// # Errors

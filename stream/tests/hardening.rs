@@ -495,6 +495,9 @@ fn every_flag_combination_is_understood_or_refused_by_name() {
         FLAG_PAGE | FLAG_CONTINUE,
         FLAG_XBZRLE | FLAG_CONTINUE,
         FLAG_COMPRESS_PAGE | FLAG_CONTINUE,
+        // Ours (issue 11): the COMPRESSED record.
+        FLAG_COMPRESSED,
+        FLAG_COMPRESSED | FLAG_CONTINUE,
         FLAG_EOS,
         FLAG_HOOK,
         FLAG_MEM_SIZE,

@@ -27,6 +27,9 @@ pub(super) enum SourceError {
     /// The XBZRLE cache could not be built (the cache's message names it).
     #[error(transparent)]
     Cache(CacheError),
+    /// The page compressor could not be built (`multifd-*-level`, zstd context).
+    #[error("page compression: {0}")]
+    Compress(precopy_compress::CompressError),
     /// The XBZRLE cache could not be resized (the cache's message names it).
     #[error("resize: {0}")]
     CacheResize(#[source] CacheError),

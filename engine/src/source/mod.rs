@@ -72,7 +72,7 @@ mod stats;
 use bitmap::DirtyBitmap;
 use control::Shared;
 use error::{SourceError, Stop};
-use pages::{Job, Pipeline, Step, Writer};
+use pages::{Job, Pipeline, PipelineError, Step, Writer};
 use stats::{Counters, ESTIMATE_PERIOD, Estimator, Period};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -130,6 +130,9 @@ pub(crate) fn run(
     sink: Box<dyn MigrationSink>,
     settings: Settings,
 ) {
+    let mut settings = settings;
+    // `page-compression=xbzrle|auto` needs the XBZRLE cache.
+    settings.caps.xbzrle |= settings.params.page_compression.needs_xbzrle_cache();
     let now = Instant::now();
     let mut w = StreamWriter::new(sink);
     w.set_max_bandwidth(settings.params.max_bandwidth);
@@ -227,8 +230,10 @@ impl Source<'_> {
         self.total = base;
         self.bitmap = DirtyBitmap::all_dirty(&self.blocks);
         self.pipeline = Some(
-            Pipeline::new(&self.settings.caps, &self.settings.params)
-                .map_err(SourceError::Cache)?,
+            Pipeline::new(&self.settings.caps, &self.settings.params).map_err(|e| match e {
+                PipelineError::Cache(e) => SourceError::Cache(e),
+                PipelineError::Compress(e) => SourceError::Compress(e),
+            })?,
         );
         self.check_cancel()?;
         self.w.write_header(MACHINE_TYPE)?;
@@ -317,6 +322,11 @@ impl Source<'_> {
 
     /// Every 100 ms: bandwidth, threshold, expected downtime (QEMU migration_update_counters).
     fn update_counters(&mut self, now: Instant) {
+        let bytes = self.w.bytes_written();
+        let max_bandwidth = self.settings.params.max_bandwidth;
+        if let Some(p) = self.pipeline.as_mut() {
+            p.update_link(&self.c, bytes, max_bandwidth);
+        }
         self.est.update(
             now,
             self.w.bytes_written(),

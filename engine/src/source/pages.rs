@@ -4,7 +4,18 @@
 //! into shards by page address, one per encoding thread, and a batch of pages is prepared in
 //! parallel, then written in a fixed order (shard, then page), so the stream only depends
 //! on the batch.
+//!
+//! `page-compression` (ours): a page that would go as a PAGE record goes as our
+//! COMPRESSED record (zstd or zlib, per page) when that is shorter; with `auto` each shard's
+//! [`Selector`] picks, per page, among raw, XBZRLE (on a cache hit), zstd and zlib from the
+//! measured CPU cost per method and the measured link rate ([`Pipeline::update_link`]).
 
+use std::time::Instant;
+
+use precopy_compress::select::{
+    AUTO_CANDIDATES, Choice, DEFAULT_PROBE_MAX, DEFAULT_PROBE_MIN, Selector,
+};
+use precopy_compress::{CompressError, Levels, Method, PageCompressor};
 use precopy_pagecache::{CacheError, PageCache, Policy};
 use precopy_stream::{StreamWriter, WriteError};
 use rayon::prelude::*;
@@ -12,8 +23,14 @@ use xbzrle::{Codec, PAGE_SIZE, Page};
 
 use super::stats::Counters;
 use crate::guest::{Guest, GuestError};
-use crate::params::{Capabilities, MigrationParameters};
+use crate::params::{Capabilities, MigrationParameters, PageCompression};
 use crate::transport::MigrationSink;
+
+/// Longest zstd/zlib frame worth sending: a COMPRESSED record (header + 3 + frame) must be
+/// shorter than a PAGE record (header + 4096).
+const MAX_FRAME: usize = PAGE_SIZE - 4;
+/// `auto`'s first guess of the link rate when `max-bandwidth` is 0 (unlimited): 10 Gbit/s.
+const UNLIMITED_GUESS: u64 = 1_250_000_000;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -36,13 +53,18 @@ enum Kind {
     Page,
     /// An XBZRLE record of this many delta bytes.
     Xbzrle(usize),
+    /// A COMPRESSED record: the method and the frame's length (in `Slot::frame`).
+    Compressed(Method, usize),
     Unchanged,
 }
 
-/// The page copy and the delta buffer of one page in flight.
+/// The page copy and the delta and frame buffers of one page in flight.
 struct Slot {
     page: Page,
     delta: Page,
+    frame: Page,
+    /// A second frame for `auto`'s probes.
+    frame2: Page,
 }
 
 impl Slot {
@@ -50,7 +72,237 @@ impl Slot {
         Box::new(Slot {
             page: [0; PAGE_SIZE],
             delta: [0; PAGE_SIZE],
+            frame: [0; PAGE_SIZE],
+            frame2: [0; PAGE_SIZE],
         })
+    }
+}
+
+/// One shard's compressor, `auto` selector and CPU time per method.
+struct Compression {
+    mode: PageCompression,
+    comp: PageCompressor,
+    selector: Option<Selector>,
+    /// ns spent encoding, per [`Method::index`].
+    cpu_ns: [u64; 4],
+}
+
+fn elapsed_ns(t: Instant) -> u64 {
+    t.elapsed().as_nanos() as u64
+}
+
+impl Compression {
+    fn new(params: &MigrationParameters, shards: usize) -> Result<Compression, CompressError> {
+        let comp = PageCompressor::new(Levels {
+            zstd: params.multifd_zstd_level,
+            zlib: params.multifd_zlib_level,
+        })?;
+        let selector = (params.page_compression == PageCompression::Auto).then(|| {
+            let guess = if params.max_bandwidth > 0 {
+                params.max_bandwidth
+            } else {
+                UNLIMITED_GUESS
+            };
+            Selector::new(
+                guess,
+                shards,
+                DEFAULT_PROBE_MIN,
+                DEFAULT_PROBE_MAX,
+                AUTO_CANDIDATES,
+            )
+        });
+        Ok(Compression {
+            mode: params.page_compression,
+            comp,
+            selector,
+            cpu_ns: [0; 4],
+        })
+    }
+
+    /// Compress the page with `m` into `frame`; `None` when it does not shrink enough.
+    fn try_method(&mut self, m: Method, page: &Page, frame: &mut Page) -> Option<usize> {
+        let t = Instant::now();
+        let r = self.comp.compress(m, page, None, &mut frame[..MAX_FRAME]);
+        let ns = elapsed_ns(t);
+        self.cpu_ns[m.index()] += ns;
+        if let Some(s) = &mut self.selector {
+            s.record(m, *r.as_ref().unwrap_or(&PAGE_SIZE), ns);
+        }
+        r.ok()
+    }
+
+    fn compressed_or_page(&mut self, m: Method, slot: &mut Slot) -> Kind {
+        match self.try_method(m, &slot.page, &mut slot.frame) {
+            Some(n) => Kind::Compressed(m, n),
+            None => Kind::Page,
+        }
+    }
+
+    /// How to send a page that is not zero: `cached` is the XBZRLE cache's copy on a hit
+    /// (updated to the page's content here, whatever is sent), `overflow` the XBZRLE
+    /// overflow count.
+    fn finish(
+        &mut self,
+        codec: &Codec,
+        slot: &mut Slot,
+        cached: Option<&mut Page>,
+        overflow: &mut u64,
+    ) -> Kind {
+        if self.mode == PageCompression::Auto {
+            return self.auto(codec, slot, cached, overflow);
+        }
+        let xbzrle = match cached {
+            Some(c) => match self.xbzrle(codec, slot, c, overflow) {
+                Ok(0) => return Kind::Unchanged,
+                Ok(n) => Some(n),
+                Err(()) => None,
+            },
+            None => None,
+        };
+        match self.mode {
+            PageCompression::Zstd | PageCompression::Zlib => {
+                if let Some(n) = xbzrle {
+                    return Kind::Xbzrle(n);
+                }
+                let m = if self.mode == PageCompression::Zstd {
+                    Method::Zstd
+                } else {
+                    Method::Zlib
+                };
+                self.compressed_or_page(m, slot)
+            }
+            _ => xbzrle.map_or(Kind::Page, Kind::Xbzrle),
+        }
+    }
+
+    /// The XBZRLE delta of the page against `cached` into `slot.delta` (the cache copy
+    /// then holds the page), timed; `Err` on overflow (counted).
+    fn xbzrle(
+        &mut self,
+        codec: &Codec,
+        slot: &mut Slot,
+        cached: &mut Page,
+        overflow: &mut u64,
+    ) -> Result<usize, ()> {
+        let t = Instant::now();
+        let r = codec.encode_and_update(cached, &slot.page, &mut slot.delta[..PAGE_SIZE - 1]);
+        let ns = elapsed_ns(t);
+        self.cpu_ns[Method::Xbzrle.index()] += ns;
+        let payload = *r.as_ref().unwrap_or(&PAGE_SIZE);
+        if let Some(s) = &mut self.selector {
+            s.record(Method::Xbzrle, payload, ns);
+        }
+        r.map_err(|_| *overflow += 1)
+    }
+
+    /// `auto`: the selector's choice (and, on a probe, one more method), the shorter
+    /// sent; the page's CPU and bytes are reported to the selector.
+    fn auto(
+        &mut self,
+        codec: &Codec,
+        slot: &mut Slot,
+        cached: Option<&mut Page>,
+        overflow: &mut u64,
+    ) -> Kind {
+        let before: u64 = self.cpu_ns.iter().sum();
+        let kind = self.auto_choose(codec, slot, cached, overflow);
+        let spent = self.cpu_ns.iter().sum::<u64>() - before;
+        let payload = match kind {
+            Kind::Page => PAGE_SIZE,
+            Kind::Xbzrle(n) | Kind::Compressed(_, n) => n,
+            Kind::Zero | Kind::Unchanged => 0,
+        };
+        if let Some(s) = &mut self.selector {
+            s.account(spent, payload);
+        }
+        kind
+    }
+
+    fn auto_choose(
+        &mut self,
+        codec: &Codec,
+        slot: &mut Slot,
+        cached: Option<&mut Page>,
+        overflow: &mut u64,
+    ) -> Kind {
+        let Some(sel) = self.selector.as_mut() else {
+            return Kind::Page;
+        };
+        let (chosen, probe, try_xbzrle) = match sel.choose(cached.is_some()) {
+            Choice::Use(m) => (m, None, false),
+            Choice::Probe { chosen, probe } => (chosen, Some(probe), false),
+            Choice::TryXbzrle { fallback } => (fallback, None, true),
+        };
+        let mut xbzrle = None;
+        let x0 = self.cpu_ns[Method::Xbzrle.index()];
+        if let Some(c) = cached {
+            if try_xbzrle || chosen == Method::Xbzrle || probe == Some(Method::Xbzrle) {
+                match self.xbzrle(codec, slot, c, overflow) {
+                    Ok(0) => return Kind::Unchanged,
+                    Ok(n) => xbzrle = Some(n),
+                    Err(()) => {}
+                }
+            } else if c[..] == slot.page[..] {
+                return Kind::Unchanged;
+            } else {
+                // Not encoded, but the cache must hold what the destination will have.
+                c.copy_from_slice(&slot.page);
+            }
+        }
+        let xbzrle_ns = self.cpu_ns[Method::Xbzrle.index()] - x0;
+        if try_xbzrle
+            && let Some(n) = xbzrle
+            && self
+                .selector
+                .as_ref()
+                .is_some_and(|s| s.keep_xbzrle(Some(n), chosen))
+        {
+            return Kind::Xbzrle(n);
+        }
+        // What chosen (frame) and probe (frame2) made of the page: payload (None = not
+        // shrunk, sent raw) and CPU ns.
+        let mut make = |m: Method, second: bool, this: &mut Self| -> (Method, Option<usize>, u64) {
+            let before = this.cpu_ns[m.index()];
+            let payload = match m {
+                Method::None => Some(PAGE_SIZE),
+                Method::Xbzrle => xbzrle,
+                _ if second => this.try_method(m, &slot.page, &mut slot.frame2),
+                _ => this.try_method(m, &slot.page, &mut slot.frame),
+            };
+            let ns = if m == Method::Xbzrle {
+                xbzrle_ns
+            } else {
+                this.cpu_ns[m.index()] - before
+            };
+            (m, payload, ns)
+        };
+        let c = make(chosen, false, self);
+        let winner = match probe {
+            None => c,
+            Some(p) => {
+                let p = make(p, true, self);
+                let send = match self.selector.as_mut() {
+                    Some(sel) => sel.probe_done(c, p),
+                    None => c.0,
+                };
+                if send == p.0 { p } else { c }
+            }
+        };
+        let (m, n) = match winner {
+            (m, Some(n), _) => (m, n),
+            _ => return Kind::Page,
+        };
+        let second = probe == Some(m) && m != chosen;
+        match m {
+            Method::None => Kind::Page,
+            Method::Xbzrle => Kind::Xbzrle(n),
+            _ => {
+                if second {
+                    slot.frame[..n].copy_from_slice(&slot.frame2[..n]);
+                }
+                Kind::Compressed(m, n)
+            }
+        }
     }
 }
 
@@ -64,6 +316,7 @@ struct Xbzrle {
 /// One cache shard with its batch work area (one per encoding thread).
 struct Shard {
     xbzrle: Xbzrle,
+    comp: Compression,
     jobs: Vec<Job>,
     slots: Vec<Box<Slot>>,
     kinds: Vec<Kind>,
@@ -91,47 +344,35 @@ impl Step<'_> {
         &self,
         codec: &Codec,
         x: &mut Xbzrle,
+        comp: &mut Compression,
         slot: &mut Slot,
         job: Job,
     ) -> Result<Kind, GuestError> {
-        let cache = if self.use_cache {
-            x.cache.as_mut()
-        } else {
-            None
-        };
+        let use_cache = self.use_cache;
         self.guest.read_page(job.block, job.page, &mut slot.page)?;
         if codec.is_zero(&slot.page) {
             // As QEMU's xbzrle_cache_zero_page: an insert of the zero page, not a
             // lookup, so zero pages are neither cache hits nor cache misses. A
             // resident copy of this address is always replaced; a refused insert
             // (another fresh page holds the slot) leaves nothing cached for it.
-            if let Some(cache) = cache
+            if let Some(cache) = x.cache.as_mut().filter(|_| use_cache)
                 && !self.last_stage
             {
                 let _ = cache.insert(job.addr, &ZERO_PAGE, self.generation);
             }
             return Ok(Kind::Zero);
         }
-        let Some(cache) = cache else {
-            return Ok(Kind::Page);
+        let Xbzrle { cache, overflow } = x;
+        let Some(cache) = cache.as_mut().filter(|_| use_cache) else {
+            return Ok(comp.finish(codec, slot, None, overflow));
         };
         match cache.lookup(job.addr, self.generation) {
-            Some(cached) => {
-                match codec.encode_and_update(cached, &slot.page, &mut slot.delta[..PAGE_SIZE - 1])
-                {
-                    Ok(0) => Ok(Kind::Unchanged),
-                    Ok(n) => Ok(Kind::Xbzrle(n)),
-                    Err(_) => {
-                        x.overflow += 1;
-                        Ok(Kind::Page)
-                    }
-                }
-            }
+            Some(cached) => Ok(comp.finish(codec, slot, Some(cached), overflow)),
             None => {
                 if !self.last_stage {
                     let _ = cache.insert(job.addr, &slot.page, self.generation);
                 }
-                Ok(Kind::Page)
+                Ok(comp.finish(codec, slot, None, overflow))
             }
         }
     }
@@ -146,25 +387,53 @@ fn emit(
     job: Job,
 ) -> Result<(), WriteError> {
     let offset = job.page * PAGE;
-    match kind {
+    let before = w.bytes_written();
+    let t = Instant::now();
+    let method = match kind {
         Kind::Zero => {
             w.write_zero_page(job.block, offset)?;
             c.duplicate += 1;
+            None
         }
         Kind::Page => {
             w.write_page(job.block, offset, &slot.page)?;
             c.normal += 1;
+            Some(Method::None)
         }
         Kind::Xbzrle(n) => {
-            let before = w.bytes_written();
             w.write_xbzrle_page(job.block, offset, &slot.delta[..n])?;
             c.xbzrle_pages += 1;
             c.xbzrle_bytes += w.bytes_written() - before;
+            Some(Method::Xbzrle)
         }
-        Kind::Unchanged => c.unchanged += 1,
+        Kind::Compressed(m, n) => {
+            w.write_compressed_page(job.block, offset, m, &slot.frame[..n])?;
+            Some(m)
+        }
+        Kind::Unchanged => {
+            c.unchanged += 1;
+            None
+        }
+    };
+    if let Some(m) = method {
+        let s = &mut c.per_method[m.index()];
+        s.0 += 1;
+        s.1 += w.bytes_written() - before;
+        c.emit_ns += elapsed_ns(t);
     }
     c.handled += 1;
     Ok(())
+}
+
+/// Why the pipeline could not be built.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PipelineError {
+    /// The XBZRLE cache.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The page compressor (levels, zstd context).
+    #[error("page compression: {0}")]
+    Compress(#[from] CompressError),
 }
 
 /// Why sending a page failed.
@@ -182,6 +451,10 @@ pub(crate) enum SendError {
 pub(crate) struct Pipeline {
     codec: Codec,
     shards: Vec<Shard>,
+    /// Stream bytes and emit ns at the last [`Pipeline::update_link`].
+    link_mark: (u64, u64),
+    /// The link rate last given to the selectors, bytes/s (0 without `auto`).
+    link_bandwidth: u64,
 }
 
 impl Pipeline {
@@ -192,7 +465,7 @@ impl Pipeline {
     pub(crate) fn new(
         caps: &Capabilities,
         params: &MigrationParameters,
-    ) -> Result<Pipeline, CacheError> {
+    ) -> Result<Pipeline, PipelineError> {
         let n = if caps.x_parallel_encoding {
             let t = rayon::current_num_threads().max(1);
             1usize << (usize::BITS - 1 - t.leading_zeros())
@@ -211,16 +484,57 @@ impl Pipeline {
             };
             shards.push(Shard {
                 xbzrle: Xbzrle { cache, overflow: 0 },
+                comp: Compression::new(params, n)?,
                 jobs: Vec::new(),
                 slots: vec![Slot::new()],
                 kinds: Vec::new(),
                 error: None,
             });
         }
+        let link_bandwidth = shards[0]
+            .comp
+            .selector
+            .as_ref()
+            .map_or(0, Selector::bandwidth);
         Ok(Pipeline {
             codec: Codec::new(),
             shards,
+            link_mark: (0, 0),
+            link_bandwidth,
         })
+    }
+
+    /// Every estimation period: the link rate seen by the writes since the last call
+    /// (stream bytes over the time spent writing records, which includes waiting for the
+    /// transport), capped at `max-bandwidth` when that is set, goes to the `auto`
+    /// selectors. `bytes` is the stream's byte count now.
+    pub(crate) fn update_link(&mut self, c: &Counters, bytes: u64, max_bandwidth: u64) {
+        let (b0, ns0) = self.link_mark;
+        self.link_mark = (bytes, c.emit_ns);
+        let (db, dns) = (bytes.saturating_sub(b0), c.emit_ns.saturating_sub(ns0));
+        if self.shards[0].comp.selector.is_none() || db < 64 * PAGE || dns == 0 {
+            return;
+        }
+        let mut rate = (db as u128 * 1_000_000_000 / dns as u128).min(u64::MAX as u128) as u64;
+        if max_bandwidth > 0 {
+            rate = rate.min(max_bandwidth);
+        }
+        self.link_bandwidth = rate;
+        for s in &mut self.shards {
+            if let Some(sel) = &mut s.comp.selector {
+                sel.set_bandwidth(rate);
+            }
+        }
+    }
+
+    /// The link rate the `auto` selectors use, bytes/s (0 without `auto`).
+    pub(crate) fn link_bandwidth(&self) -> u64 {
+        self.link_bandwidth
+    }
+
+    /// ns spent encoding with `m`, summed over the shards.
+    pub(crate) fn cpu_ns(&self, m: Method) -> u64 {
+        self.shards.iter().map(|s| s.comp.cpu_ns[m.index()]).sum()
     }
 
     /// More than one shard: pages go in batches.
@@ -264,7 +578,7 @@ impl Pipeline {
     ) -> Result<(), SendError> {
         let sh = &mut self.shards[0];
         let slot = &mut sh.slots[0];
-        let kind = step.process(&self.codec, &mut sh.xbzrle, slot, job)?;
+        let kind = step.process(&self.codec, &mut sh.xbzrle, &mut sh.comp, slot, job)?;
         emit(w, c, kind, slot, job)?;
         Ok(())
     }
@@ -291,7 +605,7 @@ impl Pipeline {
             }
             sh.kinds.clear();
             for (j, &job) in sh.jobs.iter().enumerate() {
-                match step.process(codec, &mut sh.xbzrle, &mut sh.slots[j], job) {
+                match step.process(codec, &mut sh.xbzrle, &mut sh.comp, &mut sh.slots[j], job) {
                     Ok(k) => sh.kinds.push(k),
                     Err(e) => {
                         sh.error = Some(e);

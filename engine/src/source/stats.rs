@@ -9,9 +9,12 @@ use xbzrle::PAGE_SIZE;
 
 use super::Source;
 use super::pages::Pipeline;
-use crate::info::{MigrationInfo, MigrationStatus, RamStats, XbzrleCacheStats};
+use crate::info::{
+    MethodStats, MigrationInfo, MigrationStatus, PageCompressionStats, RamStats, XbzrleCacheStats,
+};
 use crate::params::MigrationParameters;
 use crate::policy;
+use precopy_compress::Method;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// QEMU `BUFFER_DELAY`: the estimation period.
@@ -36,6 +39,10 @@ pub(crate) struct Counters {
     pub(crate) handled: u64,
     /// Stream bytes when the guest was stopped for the final pass.
     pub(crate) precopy_bytes: u64,
+    /// (pages, stream bytes) sent per page compression method ([`Method::index`]).
+    pub(crate) per_method: [(u64, u64); 4],
+    /// ns spent writing page records (the link-rate measure of `auto`).
+    pub(crate) emit_ns: u64,
 }
 
 /// The 100 ms estimator.
@@ -237,8 +244,22 @@ impl Source<'_> {
             encoding_rate: self.period.encoding_rate,
             overflow: p.map_or(0, Pipeline::overflows),
         });
+        let method = |m: Method| MethodStats {
+            pages: self.c.per_method[m.index()].0,
+            bytes: self.c.per_method[m.index()].1,
+            cpu_time_ns: p.map_or(0, |p| p.cpu_ns(m)),
+        };
+        let page_compression = Some(PageCompressionStats {
+            method: self.settings.params.page_compression.name().to_owned(),
+            none: method(Method::None),
+            xbzrle: method(Method::Xbzrle),
+            zstd: method(Method::Zstd),
+            zlib: method(Method::Zlib),
+            link_bandwidth: p.map_or(0, Pipeline::link_bandwidth),
+        });
         MigrationInfo {
             status,
+            page_compression,
             total_time: Some(self.start.elapsed().as_millis() as u64),
             setup_time: Some(self.setup_ms),
             downtime: None,

@@ -1,5 +1,5 @@
 //! The `ram` section's records: MEM_SIZE, the page records (ZERO, PAGE,
-//! XBZRLE, COMPRESS_PAGE), HOOK and EOS.
+//! XBZRLE, COMPRESS_PAGE, and our COMPRESSED), HOOK and EOS.
 
 use super::cursor::{Cur, P, Pr, bad};
 use super::{Decoder, Item, State};
@@ -65,6 +65,20 @@ pub enum RamRecord<'a> {
         /// Block name present on the wire.
         named: bool,
     },
+    /// Our compressed-page record (`FLAG_COMPRESSED`, see
+    /// [`format`](crate::format)): a zstd or zlib frame of one page.
+    Compressed {
+        /// Block index.
+        block: usize,
+        /// Byte offset in the block.
+        offset: u64,
+        /// Method of the frame (zstd or zlib).
+        method: precopy_compress::Method,
+        /// The frame, 1..=4096 bytes (not yet checked to inflate to a page).
+        frame: &'a [u8],
+        /// Block name present on the wire.
+        named: bool,
+    },
     /// `HOOK`: an RDMA hook point (no data in the stream).
     Hook,
     /// `EOS`: end of the section's content.
@@ -89,7 +103,7 @@ impl Decoder {
                 RamRecord::Eos
             }
             FLAG_HOOK if !cont => RamRecord::Hook,
-            FLAG_ZERO | FLAG_PAGE | FLAG_XBZRLE | FLAG_COMPRESS_PAGE => {
+            FLAG_ZERO | FLAG_PAGE | FLAG_XBZRLE | FLAG_COMPRESS_PAGE | FLAG_COMPRESSED => {
                 self.parse_page_record(&mut c, base, addr, cont)?
             }
             _ => return bad(FormatError::BadFlags { flags }),
@@ -111,6 +125,7 @@ impl Decoder {
             FLAG_ZERO => "ZERO record",
             FLAG_PAGE => "PAGE record",
             FLAG_XBZRLE => "XBZRLE record",
+            FLAG_COMPRESSED => "COMPRESSED record",
             _ => "COMPRESS_PAGE record",
         };
         if !self.mem_size_seen {
@@ -130,6 +145,7 @@ impl Decoder {
             FLAG_ZERO => zero_record(c, block, offset, named)?,
             FLAG_PAGE => page_record(c, block, offset, named)?,
             FLAG_XBZRLE => xbzrle_record(c, block, offset, named)?,
+            FLAG_COMPRESSED => compressed_record(c, block, offset, named)?,
             _ => zlib_record(c, block, offset, named)?,
         };
         self.last_block = Some(block);
@@ -245,6 +261,31 @@ fn xbzrle_record<'a>(c: &mut Cur<'a>, block: usize, offset: u64, named: bool) ->
         block,
         offset,
         delta: bounded_bytes(c, len, PAGE_SIZE, "XBZRLE delta")?,
+        named,
+    })
+}
+
+/// Our COMPRESSED body: u8 method (known), be16 length 1..=4096, the frame.
+fn compressed_record<'a>(
+    c: &mut Cur<'a>,
+    block: usize,
+    offset: u64,
+    named: bool,
+) -> Pr<RamRecord<'a>> {
+    let byte = c.u8()?;
+    let method = precopy_compress::Method::from_wire_id(byte)
+        .map_err(|_| P::Bad(FormatError::UnknownPageCompression { byte }))?;
+    let len = c.be16()? as usize;
+    if len == 0 {
+        return bad(FormatError::PageCompression(
+            precopy_compress::DecompressError::TooShort { method, len: 0 },
+        ));
+    }
+    Ok(RamRecord::Compressed {
+        block,
+        offset,
+        method,
+        frame: bounded_bytes(c, len, MAX_COMPRESSED_FRAME, "compressed page frame")?,
         named,
     })
 }

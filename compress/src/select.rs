@@ -1,0 +1,640 @@
+//! The adaptive per-page method selector (`--page-compression auto`, an
+//! extension of ours; QEMU's users pick one method by hand).
+//!
+//! # Model
+//!
+//! Getting pages across costs CPU on the encoding threads and time on the
+//! link, and the two overlap (the transport sends while the next page is
+//! encoded; a rate limiter sleeps while it waits for budget). So the time of
+//! a run of pages is `max(CPU / cores, bytes / B)` for `cores` encoding
+//! threads and a link of `B` bytes/s, and the selector keeps both sums over
+//! recent pages (`C` and `L`, ns, decayed by [`Selector::DECAY`] per page;
+//! the caller reports each page with [`Selector::account`]). The estimated
+//! time after sending the next page with method `m` is
+//!
+//! ```text
+//! t(m) = max(C + cpu_ns(m) / cores,  L + wire_bytes(m) / B)
+//! ```
+//!
+//! where `cpu_ns(m)` and `wire_bytes(m)` are moving averages (weight
+//! [`Selector::ALPHA`] for the newest page) of what `m` really cost on
+//! recent pages (a page that `m` did not shrink counts as a raw page). So
+//! while the link is the bottleneck, CPU is spent on smaller pages until it
+//! becomes one; while the CPU is, pages go raw: a mix no fixed method has.
+//! `none` costs no CPU here (writing the bytes is the link's share) and its
+//! size is known, so it is measured from the start. XBZRLE is a candidate
+//! only on a cache hit. The selector picks the method with the least `t`.
+//!
+//! XBZRLE deltas vary a lot from page to page (a counter bump, a rewritten
+//! page), and the delta is cheap to make, so on a hit where XBZRLE is not the
+//! choice but its estimate with its long-run mean CPU (so a few slow deltas do
+//! not close the gate) is less than the choice's, the
+//! selector says [`Choice::TryXbzrle`]: make the delta first and keep it if
+//! its exact size beats the estimate of the fallback
+//! ([`Selector::keep_xbzrle`]); else encode the fallback.
+//!
+//! # Re-measuring
+//!
+//! The link rate comes from the caller's measurement
+//! ([`Selector::set_bandwidth`], every 100 ms in the engine). A method that
+//! is not chosen is not measured, so now and then a page is a *probe*: the
+//! caller encodes it with the chosen method **and** one other candidate,
+//! records both, and reports both to [`Selector::probe_done`], which says
+//! which to send (the shorter: the CPU is spent). Each method has its own
+//! probe interval: it starts at `probe_min` pages; when a probe of that
+//! method confirms the choice (by the model, on that page) and cost `k ≥ 2`
+//! times the choice, it doubles (up to `probe_max`) and the next probe comes
+//! `k` intervals later, at most `probe_max` pages (so probing spends about
+//! `1/probe_min` of the time at most; cheap probes, like an XBZRLE delta, stay
+//! frequent); it
+//! falls back to `probe_min` when the probe
+//! overturns it, the estimates of both then set to that page's figures so
+//! the next page follows at once: cheap when the workload is steady, quick
+//! when it changes. A candidate never measured is probed first.
+//!
+//! Decisions depend only on the recorded measurements and the page count, so
+//! they are deterministic under injected measurements (see the tests).
+
+use crate::{Method, PAGE_SIZE};
+
+/// Wire bytes of a record header for one page besides its payload (be64
+/// header, method and length bytes); block names are ignored.
+pub const RECORD_OVERHEAD: u64 = 11;
+
+/// What one method has cost on recent pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Estimate {
+    /// Pages measured so far.
+    pub samples: u64,
+    /// Average CPU nanoseconds per page to encode.
+    pub cpu_ns: f64,
+    /// Average bytes per page on the wire (payload + [`RECORD_OVERHEAD`]).
+    pub wire_bytes: f64,
+    /// Mean CPU nanoseconds per page over every sample (the long-run cost).
+    pub cpu_ns_mean: f64,
+}
+
+/// A selector's choice for one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Send with this method.
+    Use(Method),
+    /// Make the XBZRLE delta; if [`Selector::keep_xbzrle`] says so send it,
+    /// else encode with `fallback`.
+    TryXbzrle {
+        /// The method to use when the delta is not kept.
+        fallback: Method,
+    },
+    /// Encode with `chosen` and with `probe`, record both, send the shorter
+    /// ([`Selector::best_of`]) and call [`Selector::probe_done`].
+    Probe {
+        /// The method the estimates choose.
+        chosen: Method,
+        /// The method measured besides it.
+        probe: Method,
+    },
+}
+
+/// The adaptive selector. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Selector {
+    bandwidth: f64,
+    cores: f64,
+    probe_min: u64,
+    probe_max: u64,
+    interval: [u64; 4],
+    next_probe: [u64; 4],
+    pages: u64,
+    est: [Estimate; 4],
+    candidates: [bool; 4],
+    /// Decayed CPU ns / cores of recent pages.
+    cpu_total: f64,
+    /// Decayed link ns of recent pages.
+    link_total: f64,
+}
+
+impl Selector {
+    /// Weight of the newest page in the moving averages.
+    pub const ALPHA: f64 = 1.0 / 32.0;
+    /// Per-page decay of the CPU and link sums (a window of about 1024 pages).
+    pub const DECAY: f64 = 1.0 - 1.0 / 1024.0;
+
+    /// A selector for a link of `bandwidth` bytes/s (a first guess, updated
+    /// by [`set_bandwidth`](Self::set_bandwidth)), `cores` encoding threads,
+    /// probing every `probe_min`..=`probe_max` pages, choosing among `none`,
+    /// `candidates` (zstd, zlib; others are ignored) and, on cache hits, `xbzrle`.
+    pub fn new(
+        bandwidth: u64,
+        cores: usize,
+        probe_min: u64,
+        probe_max: u64,
+        candidates: &[Method],
+    ) -> Self {
+        let mut c = [false; 4];
+        c[Method::None.index()] = true;
+        for m in candidates {
+            c[m.index()] |= matches!(m, Method::Zstd | Method::Zlib);
+        }
+        let mut est = [Estimate::default(); 4];
+        est[Method::None.index()] = Estimate {
+            samples: 1,
+            cpu_ns: 0.0,
+            wire_bytes: (PAGE_SIZE as u64 + RECORD_OVERHEAD) as f64,
+            cpu_ns_mean: 0.0,
+        };
+        let probe_min = probe_min.max(1);
+        Selector {
+            bandwidth: bandwidth.max(1) as f64,
+            cores: cores.max(1) as f64,
+            probe_min,
+            probe_max: probe_max.max(probe_min),
+            interval: [probe_min; 4],
+            next_probe: [probe_min; 4],
+            pages: 0,
+            est,
+            candidates: c,
+            cpu_total: 0.0,
+            link_total: 0.0,
+        }
+    }
+
+    /// The link rate in bytes/s (measured by the caller).
+    pub fn set_bandwidth(&mut self, bytes_per_sec: u64) {
+        self.bandwidth = bytes_per_sec.max(1) as f64;
+    }
+
+    /// The link rate in use, bytes/s.
+    pub fn bandwidth(&self) -> u64 {
+        self.bandwidth as u64
+    }
+
+    /// The current estimate of `method`.
+    pub fn estimate(&self, method: Method) -> Estimate {
+        self.est[method.index()]
+    }
+
+    /// The current probe interval of `method`, pages.
+    pub fn probe_interval(&self, method: Method) -> u64 {
+        self.interval[method.index()]
+    }
+
+    /// Records what `method` cost on one page: `payload` bytes (the
+    /// compressed size; 4096 when it was not shrunk) and `cpu_ns` of encoding.
+    pub fn record(&mut self, method: Method, payload: usize, cpu_ns: u64) {
+        let e = &mut self.est[method.index()];
+        let bytes = payload as f64 + RECORD_OVERHEAD as f64;
+        if e.samples == 0 {
+            e.cpu_ns = cpu_ns as f64;
+            e.wire_bytes = bytes;
+        } else {
+            e.cpu_ns += Self::ALPHA * (cpu_ns as f64 - e.cpu_ns);
+            e.wire_bytes += Self::ALPHA * (bytes - e.wire_bytes);
+        }
+        e.samples += 1;
+        e.cpu_ns_mean += (cpu_ns as f64 - e.cpu_ns_mean) / e.samples as f64;
+    }
+
+    /// Reports one page as sent: the CPU ns spent on it (every method tried)
+    /// and the payload bytes that went on the wire (0: nothing sent).
+    pub fn account(&mut self, cpu_ns: u64, payload: usize) {
+        self.cpu_total = self.cpu_total * Self::DECAY + cpu_ns as f64 / self.cores;
+        let link = if payload == 0 {
+            0.0
+        } else {
+            self.link_ns(payload)
+        };
+        self.link_total = self.link_total * Self::DECAY + link;
+    }
+
+    /// The model's time for a page costing `cpu_ns` and `wire_bytes`.
+    fn cost(&self, cpu_ns: f64, wire_bytes: f64) -> f64 {
+        (self.cpu_total + cpu_ns / self.cores)
+            .max(self.link_total + wire_bytes * 1e9 / self.bandwidth)
+    }
+
+    /// Estimated time (ns, the model's `t(m)`) after sending the next page with
+    /// `method`; `None` before it was measured.
+    pub fn time_ns(&self, method: Method) -> Option<f64> {
+        let e = &self.est[method.index()];
+        (e.samples > 0).then(|| self.cost(e.cpu_ns, e.wire_bytes))
+    }
+
+    /// Nanoseconds on the link for `payload` bytes (CPU already spent).
+    pub fn link_ns(&self, payload: usize) -> f64 {
+        (payload as f64 + RECORD_OVERHEAD as f64) * 1e9 / self.bandwidth
+    }
+
+    fn time_of(&self, payload: Option<usize>, cpu_ns: u64) -> f64 {
+        self.cost(
+            cpu_ns as f64,
+            (payload.unwrap_or(PAGE_SIZE) as u64 + RECORD_OVERHEAD) as f64,
+        )
+    }
+
+    /// One page's own time (CPU + link), for comparing probe costs.
+    fn page_time(&self, payload: Option<usize>, cpu_ns: u64) -> f64 {
+        cpu_ns as f64 / self.cores + self.link_ns(payload.unwrap_or(PAGE_SIZE))
+    }
+
+    fn eligible(&self, m: Method, hit: bool) -> bool {
+        if m == Method::Xbzrle {
+            hit
+        } else {
+            self.candidates[m.index()]
+        }
+    }
+
+    /// The measured eligible method with the least estimated time; near ties
+    /// (a resource with slack) go to the method with less work per page.
+    fn best(&self, hit: bool) -> Method {
+        let mut best = (Method::None, f64::INFINITY);
+        for m in Method::ALL {
+            let e = &self.est[m.index()];
+            if let Some(t) = self.eligible(m, hit).then(|| self.time_ns(m)).flatten() {
+                let t = t + 1e-3 * (e.cpu_ns / self.cores + e.wire_bytes * 1e9 / self.bandwidth);
+                if t < best.1 {
+                    best = (m, t);
+                }
+            }
+        }
+        best.0
+    }
+
+    /// The choice for the next page; `hit` says whether the XBZRLE cache
+    /// holds the page's previous copy.
+    pub fn choose(&mut self, hit: bool) -> Choice {
+        self.pages += 1;
+        let chosen = self.best(hit);
+        let eligible = |m: Method| self.eligible(m, hit) && m != chosen;
+        if let Some(m) = Method::ALL
+            .into_iter()
+            .find(|&m| eligible(m) && self.est[m.index()].samples == 0)
+        {
+            return Choice::Probe { chosen, probe: m };
+        }
+        let due = Method::ALL
+            .into_iter()
+            .filter(|&m| eligible(m) && self.pages >= self.next_probe[m.index()])
+            .min_by_key(|m| self.next_probe[m.index()]);
+        match due {
+            Some(m) => Choice::Probe { chosen, probe: m },
+            None if hit
+                && chosen != Method::Xbzrle
+                && self
+                    .time_ns(chosen)
+                    .is_some_and(|t| self.xbzrle_trial_ns() < t) =>
+            {
+                Choice::TryXbzrle { fallback: chosen }
+            }
+            None => Choice::Use(chosen),
+        }
+    }
+
+    /// What trying a delta is expected to cost: XBZRLE's long-run mean CPU plus
+    /// its recent average size on the link.
+    fn xbzrle_trial_ns(&self) -> f64 {
+        let e = &self.est[Method::Xbzrle.index()];
+        self.cost(e.cpu_ns_mean, e.wire_bytes)
+    }
+
+    /// After [`Choice::TryXbzrle`]: keep the delta (`payload` bytes, `None` on
+    /// overflow; its CPU is spent) when its link time is no more than the
+    /// fallback's estimated time.
+    pub fn keep_xbzrle(&self, payload: Option<usize>, fallback: Method) -> bool {
+        match (payload, self.time_ns(fallback)) {
+            (Some(n), Some(t)) => self.time_of(Some(n), 0) <= t,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// After a probe: what `chosen` and `probe` made of the page (payload
+    /// bytes, `None` when the method did not shrink it and the page would go
+    /// raw; CPU ns). Returns the one to send (the shorter on the wire, the CPU
+    /// being spent). By the model on this page, a probe that would have been
+    /// faster overturns the choice (its interval back to `probe_min`, both
+    /// estimates set to this page's figures); else its interval doubles.
+    pub fn probe_done(
+        &mut self,
+        chosen: (Method, Option<usize>, u64),
+        probe: (Method, Option<usize>, u64),
+    ) -> Method {
+        let (tc, tp) = (
+            self.time_of(chosen.1, chosen.2),
+            self.time_of(probe.1, probe.2),
+        );
+        let (pc, pp) = (
+            self.page_time(chosen.1, chosen.2),
+            self.page_time(probe.1, probe.2),
+        );
+        let i = probe.0.index();
+        // Near ties (a resource with slack) go to less work, as in `best`.
+        if tp + 1e-3 * pp < tc + 1e-3 * pc {
+            self.interval[i] = self.probe_min;
+            for (m, payload, ns) in [chosen, probe] {
+                let e = &mut self.est[m.index()];
+                e.cpu_ns = ns as f64;
+                e.wire_bytes = (payload.unwrap_or(PAGE_SIZE) as u64 + RECORD_OVERHEAD) as f64;
+                e.samples = e.samples.max(1);
+            }
+            self.next_probe[i] = self.pages + self.probe_min;
+        } else {
+            // A probe that costs k times the choice comes k times less often, and
+            // backs off further while it keeps confirming; a cheap one (k < 2, e.g.
+            // an XBZRLE delta or a raw page) stays frequent.
+            let k = (pp / pc.max(1.0)).clamp(1.0, 64.0) as u64;
+            if k >= 2 {
+                self.interval[i] = (self.interval[i] * 2).min(self.probe_max);
+            }
+            self.next_probe[i] = self.pages + (self.interval[i] * k).min(self.probe_max);
+        }
+        let size = |x: Option<usize>| x.unwrap_or(PAGE_SIZE + 1);
+        if size(probe.1) < size(chosen.1) {
+            probe.0
+        } else {
+            chosen.0
+        }
+    }
+
+    /// The method to send among `(method, payload bytes)` measured on this
+    /// page (CPU already spent, so only the link time counts); `none` when
+    /// the list is empty.
+    pub fn best_of(&self, measured: &[(Method, usize)]) -> Method {
+        measured
+            .iter()
+            .min_by(|a, b| self.link_ns(a.1).total_cmp(&self.link_ns(b.1)))
+            .map_or(Method::None, |m| m.0)
+    }
+}
+
+/// The methods `auto` chooses among besides `none` and `xbzrle`: zstd only.
+/// zlib (level 1) made bigger pages than zstd (level 1) for more CPU on every
+/// corpus of the `compression` bench (real pages of CPython, cc1, Node.js,
+/// SQLite and QEMU 7.2 guests), so measuring it would only cost probes; pass
+/// `&[Method::Zstd, Method::Zlib]` to [`Selector::new`] to include it.
+pub const AUTO_CANDIDATES: &[Method] = &[Method::Zstd];
+
+/// Least pages between probes in the engine.
+pub const DEFAULT_PROBE_MIN: u64 = 64;
+/// Most pages between probes in the engine.
+pub const DEFAULT_PROBE_MAX: u64 = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Injected measurements: zstd costs 5 µs and shrinks the page to 1500
+    /// bytes, zlib 40 µs for 1300 bytes, xbzrle 0.5 µs for 200 bytes.
+    fn warmed(bw: u64, cores: usize) -> Selector {
+        let mut s = Selector::new(bw, cores, 1000, 1000, &[Method::Zstd, Method::Zlib]);
+        s.record(Method::Zstd, 1500, 5_000);
+        s.record(Method::Zlib, 1300, 40_000);
+        s.record(Method::Xbzrle, 200, 500);
+        s
+    }
+
+    #[test]
+    fn unmeasured_candidates_are_probed_one_per_page() {
+        let mut s = Selector::new(125_000_000, 1, 1000, 1000, &[Method::Zstd, Method::Zlib]);
+        assert_eq!(
+            s.choose(false),
+            Choice::Probe {
+                chosen: Method::None,
+                probe: Method::Zstd
+            }
+        );
+        s.record(Method::Zstd, 1000, 5000);
+        assert_eq!(
+            s.choose(false),
+            Choice::Probe {
+                chosen: Method::Zstd,
+                probe: Method::Zlib
+            }
+        );
+        s.record(Method::Zlib, 3000, 50_000);
+        assert_eq!(s.choose(false), Choice::Use(Method::Zstd));
+        // XBZRLE only becomes a candidate on a hit, and is probed first then.
+        assert_eq!(
+            s.choose(true),
+            Choice::Probe {
+                chosen: Method::Zstd,
+                probe: Method::Xbzrle
+            }
+        );
+    }
+
+    #[test]
+    fn slow_link_prefers_the_smallest_page() {
+        // 125 MB/s: none 32.9 µs, zstd 5 + 12.1 µs, zlib 40 + 10.5 µs.
+        let mut s = warmed(125_000_000, 1);
+        assert_eq!(s.choose(false), Choice::Use(Method::Zstd));
+        // 1 MB/s: zlib's 200 bytes less (200 µs) outweigh its 35 µs more CPU.
+        s.set_bandwidth(1_000_000);
+        assert_eq!(s.choose(false), Choice::Use(Method::Zlib));
+    }
+
+    #[test]
+    fn fast_link_with_one_core_sends_raw_and_more_cores_compress() {
+        // 3.125 GB/s: none 1.31 µs; zstd 5 + 0.48 µs on one core.
+        let mut s = warmed(3_125_000_000, 1);
+        assert_eq!(s.choose(false), Choice::Use(Method::None));
+        // zstd on 8 cores: 0.625 + 0.48 µs < 1.31 µs.
+        let mut s = warmed(3_125_000_000, 8);
+        assert_eq!(s.choose(false), Choice::Use(Method::Zstd));
+    }
+
+    #[test]
+    fn a_hit_with_a_small_delta_goes_xbzrle() {
+        let mut s = warmed(125_000_000, 1);
+        assert_eq!(s.choose(true), Choice::Use(Method::Xbzrle));
+        assert_eq!(s.choose(false), Choice::Use(Method::Zstd));
+        // Deltas grow: the average moves and zstd takes over on hits too.
+        for _ in 0..40 {
+            s.record(Method::Xbzrle, 4000, 2000);
+        }
+        assert_eq!(s.choose(true), Choice::Use(Method::Zstd));
+    }
+
+    #[test]
+    fn probe_interval_doubles_when_confirmed_and_resets_when_overturned() {
+        // zstd chosen (17 µs); zlib probes cost 50.5 µs (k = 2): the interval
+        // doubles and each next probe comes k intervals later, at most probe_max.
+        let mut s = Selector::new(125_000_000, 1, 4, 16, &[Method::Zstd, Method::Zlib]);
+        s.record(Method::Zstd, 1500, 5000);
+        s.record(Method::Zlib, 1300, 40_000);
+        let mut zlib_probes = Vec::new();
+        for page in 1..=120u64 {
+            if let Choice::Probe { chosen, probe } = s.choose(false) {
+                assert_eq!(chosen, Method::Zstd);
+                let made = match probe {
+                    Method::Zlib => {
+                        zlib_probes.push(page);
+                        (probe, Some(1300), 40_000)
+                    }
+                    _ => (probe, Some(PAGE_SIZE), 0),
+                };
+                let send = s.probe_done((chosen, Some(1500), 5000), made);
+                assert_eq!(
+                    send,
+                    if probe == Method::Zlib {
+                        Method::Zlib
+                    } else {
+                        Method::Zstd
+                    }
+                );
+            }
+        }
+        // (At page 4 raw and zlib are both due; raw goes first.)
+        // Intervals 4, 8, 16 (× k = 2, capped at probe_max = 16 pages).
+        assert_eq!(zlib_probes, vec![5, 21, 37, 53, 69, 85, 101, 117]);
+        assert_eq!(s.probe_interval(Method::Zlib), 16);
+        // Raw probes are cheap and confirm: they stay every 4 pages.
+        assert_eq!(s.probe_interval(Method::None), 4);
+        // Pages turn incompressible: the next raw probe overturns zstd at once.
+        let mut page = 120;
+        loop {
+            page += 1;
+            if let Choice::Probe {
+                chosen,
+                probe: Method::None,
+            } = s.choose(false)
+            {
+                let send = s.probe_done((chosen, None, 6000), (Method::None, Some(PAGE_SIZE), 0));
+                assert_eq!(send, Method::None);
+                break;
+            }
+        }
+        assert!(
+            matches!(
+                s.choose(false),
+                Choice::Use(Method::None)
+                    | Choice::Probe {
+                        chosen: Method::None,
+                        ..
+                    }
+            ),
+            "page {page}"
+        );
+    }
+
+    #[test]
+    fn each_method_has_its_own_probe_interval() {
+        let mut s = Selector::new(125_000_000, 1, 8, 1000, &[Method::Zstd, Method::Zlib]);
+        s.record(Method::Zstd, 1500, 5_000);
+        s.record(Method::Zlib, 1300, 40_000);
+        s.record(Method::Xbzrle, 200, 500);
+        // Probes of zlib keep confirming zstd: its interval grows; raw's (cheap) and
+        // XBZRLE's (never probed: no hit) stay at the minimum.
+        for _ in 0..3000 {
+            if let Choice::Probe { chosen, probe } = s.choose(false) {
+                let made = match probe {
+                    Method::Zlib => (probe, Some(1300), 40_000),
+                    _ => (probe, None, 0),
+                };
+                s.probe_done((chosen, Some(1500), 5000), made);
+            }
+        }
+        assert_eq!(s.probe_interval(Method::Zlib), 1000);
+        assert_eq!(
+            s.probe_interval(Method::None),
+            8,
+            "cheap probes stay frequent"
+        );
+        assert_eq!(s.probe_interval(Method::Xbzrle), 8);
+        // On a hit XBZRLE's small deltas are chosen.
+        assert!(matches!(
+            s.choose(true),
+            Choice::Use(Method::Xbzrle)
+                | Choice::Probe {
+                    chosen: Method::Xbzrle,
+                    ..
+                }
+        ));
+    }
+
+    #[test]
+    fn a_hit_tries_a_cheap_delta_first_and_keeps_it_only_when_it_pays() {
+        let mut s = warmed(125_000_000, 1);
+        // Small cheap deltas, then six very slow ones: by the recent average
+        // XBZRLE (17.7 µs of CPU) loses to zstd (12.1 µs on the link), but by its
+        // long-run mean CPU (6.1 µs) a trial pays, so the delta is tried first.
+        for _ in 0..100 {
+            s.record(Method::Xbzrle, 200, 500);
+        }
+        for _ in 0..6 {
+            s.record(Method::Xbzrle, 200, 100_000);
+        }
+        assert_eq!(
+            s.choose(true),
+            Choice::TryXbzrle {
+                fallback: Method::Zstd
+            }
+        );
+        // 40 bytes: 0.4 µs on the link, kept; 3000 bytes: 24 µs, zstd instead.
+        assert!(s.keep_xbzrle(Some(40), Method::Zstd));
+        assert!(!s.keep_xbzrle(Some(3000), Method::Zstd));
+        assert!(!s.keep_xbzrle(None, Method::Zstd));
+        // Without a hit there is nothing to try.
+        assert_eq!(s.choose(false), Choice::Use(Method::Zstd));
+    }
+
+    #[test]
+    fn expensive_probes_come_less_often() {
+        // 3.125 GB/s, one core: raw is chosen (1.3 µs); zstd costs 5.5 µs, about 4×.
+        let mut s = Selector::new(3_125_000_000, 1, 8, 1000, &[Method::Zstd]);
+        s.record(Method::Zstd, 1500, 5000);
+        let mut probes = Vec::new();
+        for page in 1..=200u64 {
+            if let Choice::Probe { chosen, probe } = s.choose(false) {
+                assert_eq!((chosen, probe), (Method::None, Method::Zstd));
+                probes.push(page);
+                s.probe_done((chosen, Some(PAGE_SIZE), 0), (probe, Some(1500), 5000));
+            }
+        }
+        // First probe at 8, then 16 × 4 pages later, then 32 × 4.
+        assert_eq!(probes, vec![8, 72, 200]);
+    }
+
+    #[test]
+    fn the_bottleneck_decides_whether_cpu_is_spent() {
+        // 3.125 GB/s, one core, nothing sent yet: raw (1.3 µs) beats zstd (5 µs of CPU).
+        let mut s = warmed(3_125_000_000, 1);
+        assert_eq!(s.choose(false), Choice::Use(Method::None));
+        // The link is behind (raw pages queued, CPU idle): CPU is free, so the
+        // smallest page wins, even zlib's 40 µs.
+        for _ in 0..100 {
+            s.account(0, PAGE_SIZE);
+        }
+        assert_eq!(s.choose(false), Choice::Use(Method::Zlib));
+        // Now the CPU is behind: raw pages again.
+        for _ in 0..100 {
+            s.account(50_000, 1500);
+        }
+        assert_eq!(s.choose(false), Choice::Use(Method::None));
+    }
+
+    #[test]
+    fn incompressible_pages_move_the_choice_to_raw() {
+        let mut s = warmed(125_000_000, 1);
+        assert_eq!(s.choose(false), Choice::Use(Method::Zstd));
+        let mut turns = 0;
+        while s.choose(false) != Choice::Use(Method::None) {
+            s.record(Method::Zstd, PAGE_SIZE, 6000);
+            turns += 1;
+            assert!(turns < 400, "never switched to none");
+        }
+        assert!(s.estimate(Method::Zstd).wire_bytes > 3300.0);
+    }
+
+    #[test]
+    fn best_of_a_probe_is_the_shortest_on_the_wire() {
+        let s = warmed(125_000_000, 1);
+        let m = s.best_of(&[
+            (Method::None, 4096),
+            (Method::Zstd, 900),
+            (Method::Zlib, 800),
+        ]);
+        assert_eq!(m, Method::Zlib);
+        assert_eq!(s.best_of(&[]), Method::None);
+    }
+}
