@@ -17,6 +17,13 @@ use crate::save_ram::{SavedBlock, save_ram};
 /// `precopy incoming URI`. Exit status 1 when nothing was received, the stream was bad or
 /// unverified, or the guest could not be loaded or failed its check.
 pub(crate) fn run(args: IncomingArgs) -> ExitCode {
+    // A --save-ram folder that cannot be written fails now, not after the source has
+    // sent (and stopped) its guest.
+    if let Some(dir) = &args.save_ram
+        && let Err(e) = crate::save_ram::prepare(dir)
+    {
+        return failed(&args, &e, 0);
+    }
     if let Some(code) = crate::mapped_ram::incoming(&args) {
         return code;
     }

@@ -355,6 +355,13 @@ pub(crate) fn incoming(args: &crate::args::IncomingArgs) -> Option<ExitCode> {
         Ok(i) => i,
         Err(e) => return Some(crate::incoming::failed(args, &e.to_string(), 0)),
     };
+    let saved = match &args.save_ram {
+        None => Vec::new(),
+        Some(dir) => match crate::save_ram::save_ram(&image, dir) {
+            Ok(s) => s,
+            Err(e) => return Some(crate::incoming::failed(args, &e, m.file_len)),
+        },
+    };
     let digest = image_digest(&image);
     let expected = m
         .vm_description
@@ -395,6 +402,12 @@ pub(crate) fn incoming(args: &crate::args::IncomingArgs) -> Option<ExitCode> {
         if verified == Some(false) {
             v[ERROR_KEY] = "RAM digest mismatch".into();
         }
+        if args.save_ram.is_some() {
+            v["ram-files"] = saved
+                .iter()
+                .map(crate::save_ram::SavedBlock::json)
+                .collect();
+        }
         println!("{v}");
     } else {
         println!("Migration status: {status}");
@@ -409,6 +422,15 @@ pub(crate) fn incoming(args: &crate::args::IncomingArgs) -> Option<ExitCode> {
             pages - present,
             present
         );
+        for b in &saved {
+            println!(
+                "saved {} ({} bytes, sha256 {}) to {}",
+                b.block,
+                b.bytes,
+                b.sha256,
+                b.path.display()
+            );
+        }
         match verified {
             Some(true) => println!("verified: yes (RAM digest blake3 {digest})"),
             Some(false) => println!("verified: NO (RAM digest mismatch: blake3 {digest})"),

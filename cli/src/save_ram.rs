@@ -64,6 +64,19 @@ fn file_name(name: &str, index: usize, taken: &[String]) -> String {
     }
 }
 
+/// Creates `dir` if missing and checks that a file can be written in it (before a
+/// migration starts).
+///
+/// # Errors
+/// The I/O error, with the path it concerns.
+pub(crate) fn prepare(dir: &Path) -> Result<(), String> {
+    let at = |p: &Path, e: io::Error| format!("--save-ram: {}: {e}", p.display());
+    fs::create_dir_all(dir).map_err(|e| at(dir, e))?;
+    let probe = dir.join(format!(".precopy-save-ram-{}", std::process::id()));
+    File::create(&probe).map_err(|e| at(dir, e))?;
+    fs::remove_file(&probe).map_err(|e| at(&probe, e))
+}
+
 /// Writes every block of `ram` into `dir` (created if missing) and returns what was written.
 ///
 /// # Errors
@@ -130,6 +143,8 @@ mod tests {
         .unwrap();
         img.page_mut(0, 0x1000).unwrap().fill(0xab);
         let dir = std::env::temp_dir().join(format!("precopy-save-ram-{}", std::process::id()));
+        prepare(&dir).unwrap();
+        assert!(prepare(Path::new("/proc/precopy-no-such-dir")).is_err());
         let saved = save_ram(&img, &dir).unwrap();
         assert_eq!(saved.len(), 2);
         let pc = fs::read(&saved[0].path).unwrap();

@@ -227,7 +227,8 @@ pub struct MappedRamFile {
     /// Our device sections read after the RAM, then at most one foreign one
     /// (where reading stopped: its length is known only to QEMU's device code).
     pub sections: Vec<TailSection>,
-    /// Whether EOF (0x00) was read (false when reading stopped at a foreign section).
+    /// Whether EOF (0x00) was read (also after QEMU's device state, which is checked to
+    /// run to EOF and a VM description: a file cut inside it is refused).
     pub saw_eof: bool,
     /// The VM description JSON after EOF, if any (QEMU's, or ours with the RAM digest).
     pub vm_description: Option<Vec<u8>>,
@@ -558,6 +559,29 @@ impl MappedRamFile {
                             version_id,
                             payload: None,
                         });
+                        // QEMU's device state: the rest of the file must be its sections,
+                        // EOF and (as QEMU writes) a VM description, or the file is torn.
+                        let n = rd.len - at;
+                        let max = limits
+                            .max_device_state_bytes
+                            .saturating_add(limits.max_vm_description_bytes)
+                            as u64;
+                        if n > max {
+                            return Err(Rd::<R>::fmt(
+                                at,
+                                FormatError::TooLong {
+                                    what: "device state and VM description",
+                                    len: n,
+                                    limit: max,
+                                },
+                            ));
+                        }
+                        rd.pos = at;
+                        let mut tail = vec![0u8; n as usize];
+                        rd.bytes(&mut tail, "device state")?;
+                        let (_, vmdesc) = crate::foreign::split_device_state(at, &tail)?;
+                        self.saw_eof = true;
+                        self.vm_description = vmdesc.map(<[u8]>::to_vec);
                         return Ok(());
                     }
                 }

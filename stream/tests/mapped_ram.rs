@@ -61,11 +61,20 @@ fn check_against_expected(file: &[u8], expected: &str) {
         let (a, z): (usize, usize) = (f[1].parse().unwrap(), f[2].parse().unwrap());
         assert_eq!(sha(&pc_ram[a..z]), f[3], "pc.ram [{a:#x}, {z:#x})");
     }
-    // After the RAM: QEMU's device sections (reading stops at the first one).
+    // After the RAM: QEMU's device sections (kept as bytes from the first one), checked
+    // to run to EOF and the VM description.
     let last = m.sections.last().expect("a device section after the RAM");
     assert!(last.payload.is_none());
     assert!(last.offset > m.ram_end);
-    assert!(!m.saw_eof);
+    assert!(m.saw_eof);
+    assert!(m.vm_description.is_some());
+    // The same file cut inside its device state, or inside its VM description: refused.
+    let len = file.len();
+    for cut in [last.offset as usize + 30, len - 100] {
+        let e = MappedRamFile::parse(&file[..cut], &Limits::default()).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "cut at {cut}: {e}");
+        assert_eq!(e.offset(), cut as u64, "{e}");
+    }
 }
 
 #[test]
