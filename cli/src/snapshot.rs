@@ -38,7 +38,7 @@ enum SnapshotCommand {
         #[arg(long)]
         dir: PathBuf,
         /// Snapshots in all (1 = the full one only).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         count: u32,
         /// Time between snapshots, ms.
         #[arg(long, default_value_t = 1000)]
@@ -164,6 +164,25 @@ pub(crate) fn run(args: SnapshotArgs) -> ExitCode {
             if let Err(e) = std::fs::create_dir_all(&dir) {
                 return fail(json, &format!("{}: {e}", dir.display()));
             }
+            // A new chain never mixes with an old one: refuse a folder that holds one.
+            let old: Vec<String> = std::fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.starts_with("snap-"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !old.is_empty() {
+                return fail(
+                    json,
+                    &format!(
+                        "{} already holds snapshot files ({}): use an empty folder",
+                        dir.display(),
+                        old.join(", ")
+                    ),
+                );
+            }
             let mut s = match Snapshotter::new(
                 &guest,
                 SnapshotOptions {
@@ -283,6 +302,18 @@ pub(crate) fn run(args: SnapshotArgs) -> ExitCode {
                 max_ram_bytes: max_ram,
                 ..Limits::default()
             };
+            // Never overwrite a file of the chain being merged.
+            let same = |a: &std::path::Path| {
+                std::fs::canonicalize(a)
+                    .ok()
+                    .is_some_and(|a| std::fs::canonicalize(&out).ok().is_some_and(|o| o == a))
+            };
+            if same(&base) || diffs.iter().any(|d| same(d)) {
+                return fail(
+                    json,
+                    &format!("--out {} is one of the files being merged", out.display()),
+                );
+            }
             match merge_chain(&base, &diffs, &out, &limits) {
                 Ok(st) => {
                     print_stats(json, "merged", &out, &st);

@@ -50,7 +50,7 @@ fn take_restore_merge_and_refuse_a_wrong_base() {
         assert_eq!(s["kind"], "diff");
         assert_eq!(s["sequence"], i as u64 + 1);
         // A diff holds the dirtied pages only: far smaller than the full snapshot.
-        assert!(s["file_bytes"].as_u64().unwrap() < v[0]["file_bytes"].as_u64().unwrap() / 2);
+        assert!(s["file-bytes"].as_u64().unwrap() < v[0]["file-bytes"].as_u64().unwrap() / 2);
     }
     assert_eq!(v[4]["verified"], true);
 
@@ -84,4 +84,44 @@ fn take_restore_merge_and_refuse_a_wrong_base() {
         e["error-desc"].as_str().unwrap().contains("applies onto"),
         "{e}"
     );
+}
+
+#[test]
+fn a_folder_with_a_chain_and_an_out_that_is_an_input_are_refused() {
+    let dir = std::env::temp_dir().join(format!("precopy-snap-refuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let take = |extra: &[&str]| {
+        let mut a = vec![
+            "snapshot", "take", "--dir", d, "--count", "2", "--mem", "8M",
+        ];
+        a.extend_from_slice(extra);
+        precopy(&a)
+    };
+    assert_eq!(take(&[]).status.code(), Some(0));
+    let again = take(&["--json"]);
+    assert_eq!(again.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert!(
+        v["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("already holds snapshot files"),
+        "{v}"
+    );
+    let base = dir.join("snap-000.full");
+    let diff = dir.join("snap-001.diff");
+    let (b, df) = (base.to_str().unwrap(), diff.to_str().unwrap());
+    let m = precopy(&["snapshot", "merge", "--out", b, b, df]);
+    assert_eq!(m.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&m.stderr).contains("one of the files being merged")
+            || String::from_utf8_lossy(&m.stdout).contains("one of the files being merged")
+    );
+    // The chain is intact.
+    assert_eq!(
+        precopy(&["snapshot", "restore", b, df]).status.code(),
+        Some(0)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -174,8 +174,9 @@ pub enum SnapshotError {
     },
 }
 
-/// What one snapshot took.
+/// What one snapshot took (JSON keys in kebab-case, as the other commands' `--json`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct SnapshotStats {
     /// This snapshot's id (hex).
     pub id: String,
