@@ -155,18 +155,29 @@ fn chain(dir: &Path) -> (SimGuest, PathBuf, PathBuf, PathBuf) {
     (g, full, d1, d2)
 }
 
+/// A chain error and the file it names (restore_chain says which file is at fault).
+fn in_file(e: SnapshotError) -> (std::path::PathBuf, SnapshotError) {
+    match e {
+        SnapshotError::InFile { path, source } => (path, *source),
+        e => panic!("the error names no file: {e}"),
+    }
+}
+
 #[test]
 fn a_diff_on_the_wrong_base_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (_g, full, d1, d2) = chain(dir.path());
-    let e = restore_chain(&full, std::slice::from_ref(&d2), &limits()).unwrap_err();
+    let (p, e) = in_file(restore_chain(&full, std::slice::from_ref(&d2), &limits()).unwrap_err());
+    assert_eq!(p, d2);
     assert!(matches!(e, SnapshotError::WrongBase { .. }), "{e}");
-    let e = restore_chain(&full, &[d1.clone(), d1.clone()], &limits()).unwrap_err();
+    let (p, e) = in_file(restore_chain(&full, &[d1.clone(), d1.clone()], &limits()).unwrap_err());
+    assert_eq!(p, d1);
     assert!(matches!(e, SnapshotError::WrongBase { .. }), "{e}");
     // A diff from another guest's chain.
     let other = tempfile::tempdir().unwrap();
     let (_g2, _f2, o1, _o2) = chain(other.path());
-    let e = restore_chain(&full, &[o1], &limits()).unwrap_err();
+    let (p, e) = in_file(restore_chain(&full, std::slice::from_ref(&o1), &limits()).unwrap_err());
+    assert_eq!(p, o1);
     assert!(matches!(e, SnapshotError::WrongBase { .. }), "{e}");
     assert!(restore_chain(&full, &[d1, d2], &limits()).is_ok());
 }
@@ -178,7 +189,9 @@ fn torn_and_corrupt_diffs_are_refused() {
     let good = std::fs::read(&d1).unwrap();
     for cut in [0, 7, 20, good.len() / 2, good.len() - 41, good.len() - 1] {
         std::fs::write(&d1, &good[..cut]).unwrap();
-        let e = restore_chain(&full, std::slice::from_ref(&d1), &limits()).unwrap_err();
+        let (p, e) =
+            in_file(restore_chain(&full, std::slice::from_ref(&d1), &limits()).unwrap_err());
+        assert_eq!(p, d1);
         assert!(
             matches!(
                 e,
@@ -192,7 +205,8 @@ fn torn_and_corrupt_diffs_are_refused() {
         let mut b = good.clone();
         b[at] ^= 0x10;
         std::fs::write(&d1, &b).unwrap();
-        let e = restore_chain(&full, std::slice::from_ref(&d1), &limits()).unwrap_err();
+        let (_, e) =
+            in_file(restore_chain(&full, std::slice::from_ref(&d1), &limits()).unwrap_err());
         assert!(matches!(e, SnapshotError::Torn { .. }), "flip at {at}: {e}");
     }
 }

@@ -90,6 +90,15 @@ impl Default for SnapshotId {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SnapshotError {
+    /// An error of one file of a chain ([`restore_chain`], [`merge_chain`]), naming it.
+    #[error("{path}: {source}")]
+    InFile {
+        /// The file (a full snapshot or a diff).
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: Box<SnapshotError>,
+    },
     /// The guest failed.
     #[error("guest: {0}")]
     Guest(#[from] GuestError),
@@ -172,6 +181,20 @@ pub enum SnapshotError {
         /// Bytes asked for.
         bytes: u64,
     },
+}
+
+impl SnapshotError {
+    /// This error, naming the chain file `path` it concerns (an error that already names
+    /// its file, [`SnapshotError::Io`] or [`SnapshotError::InFile`], is kept as it is).
+    pub fn in_file(self, path: &Path) -> SnapshotError {
+        match self {
+            e @ (SnapshotError::Io { .. } | SnapshotError::InFile { .. }) => e,
+            e => SnapshotError::InFile {
+                path: path.to_owned(),
+                source: Box::new(e),
+            },
+        }
+    }
 }
 
 /// What one snapshot took (JSON keys in kebab-case, as the other commands' `--json`).
@@ -885,9 +908,9 @@ pub fn restore_chain(
     diffs: &[PathBuf],
     limits: &Limits,
 ) -> Result<Restored, SnapshotError> {
-    let mut r = load_full(base, limits)?;
+    let mut r = load_full(base, limits).map_err(|e| e.in_file(base))?;
     for d in diffs {
-        apply_diff(&mut r, d, limits)?;
+        apply_diff(&mut r, d, limits).map_err(|e| e.in_file(d))?;
     }
     Ok(r)
 }
