@@ -141,8 +141,12 @@ pub(crate) struct IncomingArgs {
     /// (it then loads and reports "verified: not checked"; --json: `"verified": null`).
     #[arg(long, value_enum, default_value = "on")]
     pub(crate) verify: OnOff,
-    /// Print the result as one JSON line (a failure says why in `error-desc`, as QEMU's
-    /// query-migrate does).
+    /// Print the result as one JSON line: `status` (completed or failed; a failure says
+    /// why in `error-desc`, as QEMU's query-migrate does), `total-time` (ms), `bytes`
+    /// (stream bytes read), `ram-total`, `zero-pages`, `normal-pages`, `xbzrle-pages` (page
+    /// records received by kind), `digest` (BLAKE3 of the RAM), `verified` (true, false, or
+    /// null with --verify off), `device-state` (QEMU's device sections kept as bytes, null
+    /// for our streams), `ram-files` (with --save-ram).
     #[arg(long)]
     pub(crate) json: bool,
     /// Write each received RAM block to DIR as a raw file named after the block (e.g.
