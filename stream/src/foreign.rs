@@ -43,8 +43,9 @@ pub struct ForeignSectionInfo {
     pub version_id: u32,
 }
 
-/// QEMU's device state at the end of a stream, kept as bytes (see the
-/// [module docs](self)).
+/// QEMU's device state at the end of a stream, kept as bytes: what a reader that does not
+/// model QEMU's devices keeps of them, located from the end of the stream and split into
+/// sections along the VM description ([`split_device_state`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForeignDeviceState {
     /// Stream offset of the first device section's header.
