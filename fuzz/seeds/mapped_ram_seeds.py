@@ -4,11 +4,13 @@
 qemu10-firmware: the committed QEMU 10.0.2 mapped-ram file
 (stream/tests/data/qemu10-mapped-ram.bin.zst, needs the zstd tool) as a
 SparseFile input (fuzz/src/lib.rs): every non-zero run of the file, with each
-page's data cut to its first 32 bytes and the device state after the RAM cut
-to 256 bytes, so the seed stays small.
+page's data cut to its first 32 bytes, and after the RAM only the stream up to the
+end of the first device section, then EOF and a small VM description naming it,
+so the seed stays small and is still a complete file.
 precopy-two-blocks: a two-block file in the layout precopy's writer makes,
 built here byte by byte (bitmap after each header, pages at the next MiB).
 """
+import json
 import os
 import struct
 import subprocess
@@ -60,7 +62,15 @@ def qemu_seed():
                 pieces.append((a, d[a:a + 32]))
         seen += used
         p = start = po + used
-    pieces.append((start, d[start:start + 256]))
+    # The tail up to the end of QEMU's first device section (`timer`), then EOF and a
+    # small VM description listing it: a complete file, as the reader requires (QEMU's
+    # own VM description is ~100 KB).
+    t0 = d.index(b"\x05timer", start) - 5
+    sid = d[t0 + 1:t0 + 5]
+    t1 = d.index(b"\x7e" + sid, t0 + 14) + 5
+    j = json.dumps({"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0}]},
+                   separators=(",", ":")).encode()
+    pieces.append((start, d[start:t1] + b"\x00\x06" + struct.pack(">I", len(j)) + j))
     # merge adjacent pieces, split ones over 65535 bytes
     merged = []
     for off, b in sorted(pieces):
