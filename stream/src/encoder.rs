@@ -58,7 +58,36 @@ fn be32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_be_bytes());
 }
 
-fn check_name(what: &'static str, name: &str) -> Result<(), WriteError> {
+/// Checks a MEM_SIZE block list a writer is given (names 1..=255 bytes and distinct, used
+/// lengths non-zero multiples of 4096) and returns the total RAM in bytes.
+///
+/// # Errors
+/// [`WriteError::BadName`], [`WriteError::BadBlocks`] (also when the total overflows).
+pub(crate) fn check_ram_blocks(blocks: &[RamBlockInfo]) -> Result<u64, WriteError> {
+    let mut total: u64 = 0;
+    for (i, b) in blocks.iter().enumerate() {
+        check_name("RAM block", &b.name)?;
+        if b.used_length == 0 || !b.used_length.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(WriteError::BadBlocks {
+                why: "used length zero or not a multiple of 4096",
+            });
+        }
+        if blocks[..i].iter().any(|o| o.name == b.name) {
+            return Err(WriteError::BadBlocks {
+                why: "duplicate block name",
+            });
+        }
+        total = total
+            .checked_add(b.used_length)
+            .ok_or(WriteError::BadBlocks {
+                why: "total RAM size overflows",
+            })?;
+    }
+    Ok(total)
+}
+
+/// Checks a name the writer puts on the wire: 1..=255 bytes.
+pub(crate) fn check_name(what: &'static str, name: &str) -> Result<(), WriteError> {
     let why = if name.is_empty() {
         "empty"
     } else if name.len() > MAX_NAME_LEN {
@@ -194,25 +223,7 @@ impl Encoder {
                 state: "twice",
             });
         }
-        let mut total: u64 = 0;
-        for (i, b) in blocks.iter().enumerate() {
-            check_name("RAM block", &b.name)?;
-            if b.used_length == 0 || !b.used_length.is_multiple_of(PAGE_SIZE as u64) {
-                return Err(WriteError::BadBlocks {
-                    why: "used length zero or not a multiple of 4096",
-                });
-            }
-            if blocks[..i].iter().any(|o| o.name == b.name) {
-                return Err(WriteError::BadBlocks {
-                    why: "duplicate block name",
-                });
-            }
-            total = total
-                .checked_add(b.used_length)
-                .ok_or(WriteError::BadBlocks {
-                    why: "total RAM size overflows",
-                })?;
-        }
+        let total = check_ram_blocks(blocks)?;
         self.section_header(
             out,
             SECTION_START,

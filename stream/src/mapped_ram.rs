@@ -876,18 +876,7 @@ impl Layout {
         blocks: &[RamBlockInfo],
         ram_section_id: u32,
     ) -> Result<Self, WriteError> {
-        let name_ok = |what: &'static str, n: &str| {
-            if n.is_empty() || n.len() > MAX_NAME_LEN {
-                Err(WriteError::BadName {
-                    what,
-                    name: n.to_owned(),
-                    why: "must be 1..=255 bytes",
-                })
-            } else {
-                Ok(())
-            }
-        };
-        name_ok("machine type", machine_type)?;
+        crate::encoder::check_name("machine type", machine_type)?;
         if blocks.is_empty() {
             return Err(WriteError::BadBlocks { why: "no blocks" });
         }
@@ -911,25 +900,7 @@ impl Layout {
         head.extend_from_slice(RAM_SECTION_NAME.as_bytes());
         head.extend_from_slice(&0u32.to_be_bytes());
         head.extend_from_slice(&RAM_SECTION_VERSION.to_be_bytes());
-        let mut total = 0u64;
-        for (i, b) in blocks.iter().enumerate() {
-            name_ok("RAM block", &b.name)?;
-            if b.used_length == 0 || b.used_length & FLAGS_MASK != 0 {
-                return Err(WriteError::BadBlocks {
-                    why: "zero or unaligned block length",
-                });
-            }
-            if blocks[..i].iter().any(|o| o.name == b.name) {
-                return Err(WriteError::BadBlocks {
-                    why: "duplicate block name",
-                });
-            }
-            total = total
-                .checked_add(b.used_length)
-                .ok_or(WriteError::BadBlocks {
-                    why: "total RAM overflows",
-                })?;
-        }
+        let total = crate::encoder::check_ram_blocks(blocks)?;
         head.extend_from_slice(&(total | FLAG_MEM_SIZE).to_be_bytes());
         let overflow = || WriteError::BadBlocks {
             why: "file offsets overflow",

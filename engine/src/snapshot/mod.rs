@@ -274,6 +274,20 @@ fn commit(file: &File, tmp: &Path, path: &Path) -> Result<(), SnapshotError> {
         .map_err(io_err(&dir))
 }
 
+/// Creates (truncating) the temporary file that a snapshot bound for `path` is written to
+/// before `commit` renames it; returns it, opened read-write, and its path.
+fn create_temp(path: &Path) -> Result<(File, PathBuf), SnapshotError> {
+    let tmp = temp_path(path);
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    Ok((file, tmp))
+}
+
 /// Writes `bytes` to `path` crash-safely (temporary name, fsync, rename, fsync dir).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     let tmp = temp_path(path);
@@ -549,14 +563,7 @@ impl<'g> Snapshotter<'g> {
     /// is left at `path`.
     pub fn full(&mut self, path: &Path) -> Result<SnapshotStats, SnapshotError> {
         let t0 = Instant::now();
-        let tmp = temp_path(path);
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
+        let (file, tmp) = create_temp(path)?;
         let r = self.full_into(&file, &tmp, path, t0);
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -923,14 +930,7 @@ pub fn restore_chain(
 /// I/O and write errors.
 pub fn write_full(r: &Restored, path: &Path) -> Result<SnapshotStats, SnapshotError> {
     let t0 = Instant::now();
-    let tmp = temp_path(path);
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    let (file, tmp) = create_temp(path)?;
     let infos: Vec<RamBlockInfo> = r
         .image
         .blocks()
