@@ -130,7 +130,10 @@ impl Encoder {
     /// records between them with this encoder. The CONTINUE decision spans the whole
     /// stream, as QEMU's destination tracks the last block it read across sections; the
     /// first record names its block. Only [`zero_page`](Self::zero_page),
-    /// [`page`](Self::page) and [`xbzrle_page`](Self::xbzrle_page) may be called.
+    /// [`page`](Self::page), [`xbzrle_page`](Self::xbzrle_page),
+    /// [`compressed_page`](Self::compressed_page) and, for a multifd page channel
+    /// ([`multifd`](crate::multifd)), [`multifd_flush`](Self::multifd_flush) and
+    /// [`multifd_channel_end`](Self::multifd_channel_end) may be called.
     pub fn page_records_only(blocks: &[RamBlockInfo]) -> Self {
         Encoder {
             state: WState::RamOpen,
@@ -295,6 +298,38 @@ impl Encoder {
         self.order("end of ram section", WState::RamOpen)?;
         Self::eos_footer(out, self.ram_section_id);
         self.state = WState::Top;
+        Ok(())
+    }
+
+    /// Appends a `MULTIFD_FLUSH` sync point carrying sync number `seq` in its offset bits
+    /// ([`multifd`](crate::multifd)): inside a `ram` section of a multifd main channel,
+    /// or on a page channel ([`page_records_only`](Self::page_records_only)).
+    ///
+    /// # Errors
+    /// [`WriteError::Order`] outside a ram section; [`WriteError::BadOffset`] for a
+    /// `seq` of 2^52 or more (it would not fit the offset bits).
+    pub fn multifd_flush(&mut self, out: &mut Vec<u8>, seq: u64) -> Result<(), WriteError> {
+        self.order("multifd sync point", WState::RamOpen)?;
+        if seq > u64::MAX >> 12 {
+            return Err(WriteError::BadOffset {
+                block: 0,
+                offset: seq,
+                length: u64::MAX >> 12,
+            });
+        }
+        be64(out, (seq << 12) | FLAG_MULTIFD_FLUSH);
+        Ok(())
+    }
+
+    /// Appends the EOS that ends a multifd page channel ([`multifd`](crate::multifd));
+    /// nothing may be written after it.
+    ///
+    /// # Errors
+    /// [`WriteError::Order`] when the encoder is not open for page records.
+    pub fn multifd_channel_end(&mut self, out: &mut Vec<u8>) -> Result<(), WriteError> {
+        self.order("end of multifd channel", WState::RamOpen)?;
+        be64(out, FLAG_EOS);
+        self.state = WState::Done;
         Ok(())
     }
 

@@ -173,6 +173,13 @@ pub enum FormatError {
         /// What is wrong.
         why: &'static str,
     },
+    /// A multifd channel or sync point that breaks the multifd rules
+    /// ([`multifd`](crate::multifd)).
+    #[error("bad multifd channel: {why}")]
+    Multifd {
+        /// What is wrong.
+        why: &'static str,
+    },
     /// Bytes after the VM description.
     #[error("trailing bytes after the end of the stream")]
     TrailingData,

@@ -58,6 +58,7 @@
 //! | 0x80 | HOOK | nothing here (RDMA transfers the data out of band) |
 //! | 0x100 | COMPRESS_PAGE | [block name], be32 length ≤ 4110, zlib data (`compress` capability) |
 //!
+//! | 0x200 | MULTIFD_FLUSH | nothing; QEMU ≥ 8 writes it with multifd (offset bits 0). In our multifd streams the offset bits carry the sync number (see [`multifd`](crate::multifd)) |
 //! | 0x800 | COMPRESSED (ours) | [block name], u8 method, be16 length 1..=4096, the frame (see below) |
 //!
 //! `[block name]` is u8 length + name bytes, present exactly when CONTINUE
@@ -140,6 +141,11 @@ pub const FLAG_XBZRLE: u64 = 0x40;
 pub const FLAG_HOOK: u64 = 0x80;
 /// `RAM_SAVE_FLAG_COMPRESS_PAGE`: a zlib-compressed page (`compress` capability).
 pub const FLAG_COMPRESS_PAGE: u64 = 0x100;
+
+/// `RAM_SAVE_FLAG_MULTIFD_FLUSH`: a multifd sync point (QEMU ≥ 8 writes it on the
+/// main channel with multifd, offset bits 0; ours carry the sync number there, see
+/// [`multifd`](crate::multifd)). No payload.
+pub const FLAG_MULTIFD_FLUSH: u64 = 0x200;
 
 /// Our compressed-page record (not QEMU's): see the module docs.
 pub const FLAG_COMPRESSED: u64 = 0x800;

@@ -41,6 +41,12 @@
 //!   hooks: framing is decoded; the loader refuses them as
 //!   [`FormatError::Unsupported`].
 //!
+//! # multifd
+//!
+//! [`multifd`] describes our multi-connection layout (a main channel and N page channels,
+//! each opened by a hello, sync points as `MULTIFD_FLUSH` records);
+//! [`Decoder::multifd_channel`] reads a page channel, [`PageApplier`] applies its records.
+//!
 //! # mapped-ram files
 //!
 //! [`mapped_ram`] reads and writes QEMU's `mapped-ram` file layout (QEMU ≥ 9.0,
@@ -94,6 +100,7 @@ mod image;
 mod io;
 mod loader;
 pub mod mapped_ram;
+pub mod multifd;
 mod ratelimit;
 mod writer;
 
@@ -107,7 +114,8 @@ pub use format::RamBlockInfo;
 pub use image::{RamBlock, RamImage, RamTarget, TargetError};
 pub use io::{StreamReader, find_vm_description};
 pub use loader::{
-    Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, StopReason, load,
+    Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, PageApplier, StopReason,
+    load,
 };
 pub use ratelimit::{RATE_LIMIT_SLICE, RateLimiter};
 pub use writer::{DEFAULT_BUFFER_SIZE, StreamWriter};

@@ -67,6 +67,28 @@ pub struct LoadStats {
     pub bytes: u64,
 }
 
+impl LoadStats {
+    /// Adds the page-record counts of `other` (ZERO, PAGE, XBZRLE, zstd, zlib, delta
+    /// bytes, named/CONTINUE) and its bytes, e.g. a multifd page channel's into the
+    /// migration's total.
+    pub fn add_pages(&mut self, other: &LoadStats) {
+        for (a, b) in [
+            (&mut self.zero, &other.zero),
+            (&mut self.page, &other.page),
+            (&mut self.xbzrle, &other.xbzrle),
+            (&mut self.zstd, &other.zstd),
+            (&mut self.zlib, &other.zlib),
+        ] {
+            a.count += b.count;
+            a.bytes += b.bytes;
+        }
+        self.xbzrle_delta_bytes += other.xbzrle_delta_bytes;
+        self.records_with_block_name += other.records_with_block_name;
+        self.records_with_continue += other.records_with_continue;
+        self.bytes += other.bytes;
+    }
+}
+
 /// A device section of ours, owned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnedDeviceState {
@@ -183,9 +205,8 @@ pub struct Loader<T = RamImage> {
     file_version: Option<u32>,
     stop: Option<StopReason>,
     foreign: Option<ForeignDeviceState>,
-    /// Made at the first COMPRESSED record (zstd allocates a context): a stream without
-    /// one never touches zstd or zlib.
-    decompressor: Option<Box<precopy_compress::PageDecompressor>>,
+    /// Applies the page records.
+    pages: PageApplier,
 }
 
 /// The result of [`load`] (and of [`Loader::finish`], for any target `T`).
@@ -256,7 +277,7 @@ impl<T: RamTarget> Loader<T> {
             file_version: None,
             stop: None,
             foreign: None,
-            decompressor: None,
+            pages: PageApplier::new(),
         }
     }
 
@@ -356,19 +377,22 @@ impl<T: RamTarget> Loader<T> {
                 self.stats.mem_size.add(len);
             }
             RamRecord::Eos => self.stats.eos.add(len),
-            RamRecord::Zero { named, .. }
-            | RamRecord::Page { named, .. }
-            | RamRecord::Xbzrle { named, .. }
-            | RamRecord::Compressed { named, .. } => {
-                self.apply_page_record(offset, rec, len)?;
-                if named {
-                    self.stats.records_with_block_name += 1;
-                } else {
-                    self.stats.records_with_continue += 1;
-                }
+            RamRecord::Zero { .. }
+            | RamRecord::Page { .. }
+            | RamRecord::Xbzrle { .. }
+            | RamRecord::Compressed { .. } => {
+                self.pages
+                    .apply(&mut self.image, offset, rec, len, &mut self.stats)?;
             }
             RamRecord::CompressedPage { .. } => {
                 return Err(unsupported(offset, "compressed page (compress capability)"));
+            }
+            RamRecord::MultifdFlush { .. } => {
+                return Err(unsupported(
+                    offset,
+                    "multifd sync point: the pages travel on multifd channels, which a \
+                     single-stream reader does not have",
+                ));
             }
             RamRecord::Hook => return Err(unsupported(offset, "RDMA hook record")),
         }
@@ -385,67 +409,6 @@ impl<T: RamTarget> Loader<T> {
                 TargetError::Mismatch { why } => fmt_err(offset, FormatError::BadMemSize { why }),
                 TargetError::Other(source) => Error::Target { offset, source },
             })
-    }
-
-    /// ZERO, PAGE or XBZRLE onto its page, counted by kind (other records
-    /// are not page writes and are ignored here).
-    fn apply_page_record(
-        &mut self,
-        offset: u64,
-        rec: &RamRecord<'_>,
-        len: usize,
-    ) -> Result<(), Error> {
-        let (block, page) = match *rec {
-            RamRecord::Zero { block, offset, .. }
-            | RamRecord::Page { block, offset, .. }
-            | RamRecord::Xbzrle { block, offset, .. }
-            | RamRecord::Compressed { block, offset, .. } => (block, offset),
-            _ => return Ok(()),
-        };
-        let decompressor = match rec {
-            RamRecord::Compressed { .. } => Some(
-                self.decompressor
-                    .get_or_insert_with(|| Box::new(precopy_compress::PageDecompressor::new())),
-            ),
-            _ => None,
-        };
-        write_page(&mut self.image, offset, block, page, |p| match *rec {
-            // As QEMU (`ram_handle_compressed`): write only when the page is
-            // not already all `fill`, so never-touched RAM stays unmapped.
-            RamRecord::Zero { fill, .. } if fill != 0 || *p != [0u8; PAGE_SIZE] => {
-                p.fill(fill);
-                Ok(())
-            }
-            RamRecord::Page { data, .. } => {
-                p.copy_from_slice(data);
-                Ok(())
-            }
-            RamRecord::Xbzrle { delta, .. } => {
-                xbzrle::decode(delta, p).map_err(|e| fmt_err(offset, FormatError::Xbzrle(e)))
-            }
-            RamRecord::Compressed { method, frame, .. } => match decompressor {
-                Some(d) => d
-                    .decompress(method, frame, p)
-                    .map_err(|e| fmt_err(offset, FormatError::PageCompression(e))),
-                None => Ok(()),
-            },
-            _ => Ok(()),
-        })?;
-        match *rec {
-            RamRecord::Zero { .. } => self.stats.zero.add(len),
-            RamRecord::Page { .. } => self.stats.page.add(len),
-            RamRecord::Xbzrle { delta, .. } => {
-                self.stats.xbzrle.add(len);
-                self.stats.xbzrle_delta_bytes += delta.len() as u64;
-            }
-            RamRecord::Compressed {
-                method: precopy_compress::Method::Zlib,
-                ..
-            } => self.stats.zlib.add(len),
-            RamRecord::Compressed { .. } => self.stats.zstd.add(len),
-            _ => {}
-        }
-        Ok(())
     }
 
     /// Reads and applies items from `reader` until the stream ends or a
@@ -567,10 +530,123 @@ pub fn load<R: Read>(input: R, limits: Limits) -> Result<Loaded, Error> {
     loader.finish()
 }
 
+/// Applies page records (ZERO, PAGE, XBZRLE, our COMPRESSED) onto a [`RamTarget`] and
+/// counts them into a [`LoadStats`], exactly as [`Loader`] does; for readers that apply
+/// records decoded elsewhere, such as one multifd channel's thread
+/// ([`multifd`](crate::multifd)), onto a target it reaches through a lock.
+#[derive(Debug, Default)]
+pub struct PageApplier {
+    /// Made at the first COMPRESSED record (zstd allocates a context): a stream without
+    /// one never touches zstd or zlib.
+    decompressor: Option<Box<precopy_compress::PageDecompressor>>,
+}
+
+impl PageApplier {
+    /// An applier (no decompressor until the first COMPRESSED record).
+    pub fn new() -> PageApplier {
+        PageApplier::default()
+    }
+
+    /// Applies the page record `rec` (which started at stream `offset` and took `len`
+    /// bytes) onto its page of `target` and counts it in `stats` (kind, bytes, named or
+    /// CONTINUE). Records that are not page writes (MEM_SIZE, EOS, ...) are ignored.
+    ///
+    /// # Errors
+    /// [`FormatError::PageOutsideBlock`] when `target` has no such page,
+    /// [`FormatError::Xbzrle`] for a delta that does not apply,
+    /// [`FormatError::PageCompression`] for a bad frame; all at `offset`, and the page is
+    /// untouched.
+    pub fn apply<T: RamTarget + ?Sized>(
+        &mut self,
+        target: &mut T,
+        offset: u64,
+        rec: &RamRecord<'_>,
+        len: usize,
+        stats: &mut LoadStats,
+    ) -> Result<(), Error> {
+        let (block, page, named) = match *rec {
+            RamRecord::Zero {
+                block,
+                offset,
+                named,
+                ..
+            }
+            | RamRecord::Page {
+                block,
+                offset,
+                named,
+                ..
+            }
+            | RamRecord::Xbzrle {
+                block,
+                offset,
+                named,
+                ..
+            }
+            | RamRecord::Compressed {
+                block,
+                offset,
+                named,
+                ..
+            } => (block, offset, named),
+            _ => return Ok(()),
+        };
+        let decompressor = match rec {
+            RamRecord::Compressed { .. } => Some(
+                self.decompressor
+                    .get_or_insert_with(|| Box::new(precopy_compress::PageDecompressor::new())),
+            ),
+            _ => None,
+        };
+        write_page(target, offset, block, page, |p| match *rec {
+            // As QEMU (`ram_handle_compressed`): write only when the page is
+            // not already all `fill`, so never-touched RAM stays unmapped.
+            RamRecord::Zero { fill, .. } if fill != 0 || *p != [0u8; PAGE_SIZE] => {
+                p.fill(fill);
+                Ok(())
+            }
+            RamRecord::Page { data, .. } => {
+                p.copy_from_slice(data);
+                Ok(())
+            }
+            RamRecord::Xbzrle { delta, .. } => {
+                xbzrle::decode(delta, p).map_err(|e| fmt_err(offset, FormatError::Xbzrle(e)))
+            }
+            RamRecord::Compressed { method, frame, .. } => match decompressor {
+                Some(d) => d
+                    .decompress(method, frame, p)
+                    .map_err(|e| fmt_err(offset, FormatError::PageCompression(e))),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        })?;
+        match *rec {
+            RamRecord::Zero { .. } => stats.zero.add(len),
+            RamRecord::Page { .. } => stats.page.add(len),
+            RamRecord::Xbzrle { delta, .. } => {
+                stats.xbzrle.add(len);
+                stats.xbzrle_delta_bytes += delta.len() as u64;
+            }
+            RamRecord::Compressed {
+                method: precopy_compress::Method::Zlib,
+                ..
+            } => stats.zlib.add(len),
+            RamRecord::Compressed { .. } => stats.zstd.add(len),
+            _ => {}
+        }
+        if named {
+            stats.records_with_block_name += 1;
+        } else {
+            stats.records_with_continue += 1;
+        }
+        Ok(())
+    }
+}
+
 /// Runs `write` on page `page` of block index `block`, for the record at
 /// stream `offset`; [`FormatError::PageOutsideBlock`] when the image has
 /// no such page.
-fn write_page<T: RamTarget>(
+fn write_page<T: RamTarget + ?Sized>(
     image: &mut T,
     offset: u64,
     block: usize,

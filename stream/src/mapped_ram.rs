@@ -62,8 +62,7 @@ pub const HEADER_LEN: u64 = 28;
 pub const PAGES_ALIGNMENT: u64 = 1 << 20;
 /// The migration capability that selects this layout.
 pub const CAPABILITY: &str = "mapped-ram";
-/// `RAM_SAVE_FLAG_MULTIFD_FLUSH`: written by QEMU with multifd; no payload.
-pub const FLAG_MULTIFD_FLUSH: u64 = 0x200;
+pub use crate::format::FLAG_MULTIFD_FLUSH;
 /// Bytes of the prefix handed to the sans-IO [`Decoder`] to read the file
 /// header, configuration and `ram` START header (all far smaller).
 const PREFIX_PROBE: u64 = 64 * 1024;

@@ -183,6 +183,22 @@ impl<W: Write> StreamWriter<W> {
         Ok(self.inner)
     }
 
+    /// A `MULTIFD_FLUSH` sync point. See [`Encoder::multifd_flush`].
+    ///
+    /// # Errors
+    /// As [`Encoder::multifd_flush`], plus [`WriteError::Io`].
+    pub fn write_multifd_flush(&mut self, seq: u64) -> Result<(), WriteError> {
+        self.record(|e, b| e.multifd_flush(b, seq))
+    }
+
+    /// The EOS that ends a multifd page channel. See [`Encoder::multifd_channel_end`].
+    ///
+    /// # Errors
+    /// As [`Encoder::multifd_channel_end`], plus [`WriteError::Io`].
+    pub fn write_multifd_channel_end(&mut self) -> Result<(), WriteError> {
+        self.record(|e, b| e.multifd_channel_end(b))
+    }
+
     /// File magic, version and configuration section. See [`Encoder::file_header`].
     ///
     /// # Errors

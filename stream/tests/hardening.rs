@@ -501,6 +501,8 @@ fn every_flag_combination_is_understood_or_refused_by_name() {
         FLAG_EOS,
         FLAG_HOOK,
         FLAG_MEM_SIZE,
+        // QEMU >= 8 with multifd, and our multifd sync points (issue 10).
+        FLAG_MULTIFD_FLUSH,
     ];
     let p = prefix();
     for flags in 0..0x1000u64 {

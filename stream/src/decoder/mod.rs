@@ -120,6 +120,8 @@ pub struct Decoder {
     ram: Option<RamSection>,
     pending_footer: Option<u32>,
     ignore_shared: bool,
+    /// A multifd channel's records ([`Decoder::multifd_channel`]).
+    channel: bool,
 }
 
 impl Default for Decoder {
@@ -142,6 +144,29 @@ impl Decoder {
             ram: None,
             pending_footer: None,
             ignore_shared: false,
+            channel: false,
+        }
+    }
+
+    /// A decoder for one multifd channel's records ([`multifd`](crate::multifd)): no
+    /// file header and no sections, only `ram` page records, `MULTIFD_FLUSH` sync points
+    /// and the closing `EOS`, against the block list `blocks` that the main channel's
+    /// MEM_SIZE gave. Offsets ([`position`](Self::position)) count from the first byte
+    /// after the channel's hello. After EOS every further byte is
+    /// [`FormatError::TrailingData`]; the channel is complete
+    /// ([`is_complete`](Self::is_complete)) exactly then.
+    pub fn multifd_channel(limits: Limits, blocks: Vec<RamBlockInfo>) -> Self {
+        Decoder {
+            state: State::Ram,
+            pending: "ram record",
+            blocks,
+            mem_size_seen: true,
+            ram: Some(RamSection {
+                id: 0,
+                ended: false,
+            }),
+            channel: true,
+            ..Decoder::new(limits)
         }
     }
 

@@ -79,6 +79,13 @@ pub enum RamRecord<'a> {
         /// Block name present on the wire.
         named: bool,
     },
+    /// `MULTIFD_FLUSH`: a multifd sync point (no payload). `seq` is the header's
+    /// offset bits shifted down by 12: 0 from QEMU, the sync number in our multifd
+    /// streams ([`multifd`](crate::multifd)).
+    MultifdFlush {
+        /// Sync number (0 from QEMU).
+        seq: u64,
+    },
     /// `HOOK`: an RDMA hook point (no data in the stream).
     Hook,
     /// `EOS`: end of the section's content.
@@ -95,7 +102,17 @@ impl Decoder {
         let cont = flags & FLAG_CONTINUE != 0;
         let base = flags & !FLAG_CONTINUE;
         let rec = match base {
+            FLAG_MEM_SIZE if !cont && self.channel => {
+                return bad(FormatError::Multifd {
+                    why: "MEM_SIZE on a multifd channel (only the main channel carries it)",
+                });
+            }
             FLAG_MEM_SIZE if !cont => self.parse_mem_size(&mut c, addr)?,
+            FLAG_EOS if !cont && self.channel => {
+                // The end of a multifd channel: nothing may follow.
+                self.state = State::Done;
+                RamRecord::Eos
+            }
             FLAG_EOS if !cont => {
                 let id = self.ram.map(|r| r.id).unwrap_or(0);
                 self.pending_footer = Some(id);
@@ -103,6 +120,7 @@ impl Decoder {
                 RamRecord::Eos
             }
             FLAG_HOOK if !cont => RamRecord::Hook,
+            FLAG_MULTIFD_FLUSH if !cont => RamRecord::MultifdFlush { seq: addr >> 12 },
             FLAG_ZERO | FLAG_PAGE | FLAG_XBZRLE | FLAG_COMPRESS_PAGE | FLAG_COMPRESSED => {
                 self.parse_page_record(&mut c, base, addr, cont)?
             }
