@@ -95,6 +95,14 @@ pub(crate) struct MigrateArgs {
     /// Capability x-parallel-encoding (ours): encode on a thread pool.
     #[arg(long, value_enum, default_value = "off")]
     pub(crate) parallel_encoding: OnOff,
+    /// Capability multifd: pages go over --multifd-channels connections besides the main
+    /// one (tcp: and unix: only), each with its own XBZRLE cache shard, zero-page
+    /// detection and page compression. The destination (`precopy incoming`) follows.
+    #[arg(long, value_enum, default_value = "off")]
+    pub(crate) multifd: OnOff,
+    /// multifd-channels: page channels with --multifd on, 1..=255 (default 2).
+    #[arg(long)]
+    pub(crate) multifd_channels: Option<u16>,
     /// Capability mapped-ram (QEMU ≥ 9.0): with --to file:PATH, write QEMU's mapped-ram
     /// file layout (pages at fixed offsets, zero pages as holes; see `precopy inspect`).
     #[arg(long, value_enum, default_value = "off")]
@@ -168,12 +176,14 @@ pub(crate) fn parameters_from(args: &MigrateArgs) -> (ParameterUpdate, Capabilit
         cpu_throttle_tailslow: args.cpu_throttle_tailslow.map(OnOff::on),
         max_cpu_throttle: args.max_cpu_throttle,
         throttle_trigger_threshold: args.throttle_trigger_threshold,
+        multifd_channels: args.multifd_channels,
         ..Default::default()
     };
     let mut c = Capabilities {
         xbzrle: args.xbzrle.on(),
         auto_converge: args.auto_converge.on(),
         x_parallel_encoding: args.parallel_encoding.on(),
+        multifd: args.multifd.on(),
     };
     args.compression.apply(&mut u, &mut c);
     (u, c)

@@ -41,7 +41,7 @@ pub(crate) trait SourceGuest {
 pub(crate) trait IncomingGuest {
     /// The RAM the stream is loaded into: the guest's RAM (KVM: its memory, mapped when
     /// MEM_SIZE arrives; the simulated guest: a `RamImage`).
-    type Ram: RamTarget;
+    type Ram: RamTarget + Send;
     /// The line printed on stderr once listening on `uri` (scripts wait for "waiting on").
     fn waiting(&self, uri: &str) -> String;
     /// A new, empty RAM to receive into.

@@ -65,7 +65,7 @@ pub mod source;
 pub mod transport;
 pub mod vmdesc;
 
-pub use destination::{Destination, IncomingError, Received};
+pub use destination::{ChannelRefused, Destination, IncomingError, Received};
 pub use guest::sim::{SimConfig, SimConfigError, SimGuest, SimWorkload, UnknownWorkload};
 pub use guest::{
     DeviceStateEntry, DirtyLog, Guest, GuestError, GuestRam, Hooked, RamBlockInfo, SharedGuest,

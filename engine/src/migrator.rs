@@ -12,7 +12,8 @@ use crate::info::{MigrationInfo, MigrationStatus, StateChange};
 use crate::params::{Capabilities, MigrationParameters, ParameterError, ParameterUpdate};
 use crate::source::control::Shared;
 use crate::source::{self, Settings};
-use crate::transport::{AbortHandle, MigrationSink, Outgoing, TransportError};
+use crate::transport::{AbortHandle, MigrationSink, MigrationUri, Outgoing, TransportError};
+use precopy_stream::multifd::MAX_CHANNELS;
 
 /// Errors of the control API.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,13 @@ pub enum MigrateError {
     /// [`Migrator::wait`] found no migration to wait for.
     #[error("no migration was started")]
     NotStarted,
+    /// The `multifd` capability with a transport that is not a socket (`file:`, `exec:`,
+    /// `fd:`), or a multifd start with no page channel or more than 255.
+    #[error("multifd needs a socket transport (tcp:HOST:PORT or unix:PATH) and 1..=255 page channels: {why}")]
+    Multifd {
+        /// What was given.
+        why: String,
+    },
 }
 
 /// A registered migration blocker (QEMU `migrate_add_blocker`); remove it with
@@ -164,26 +172,65 @@ impl Migrator {
     /// QEMU; a malformed URI leaves it unchanged).
     pub fn start(&self, uri: &str) -> Result<(), MigrateError> {
         self.precheck()?;
+        let (multifd, channels) = {
+            let ctl = self.shared.lock();
+            (ctl.caps.multifd, ctl.params.multifd_channels)
+        };
+        if multifd {
+            return self.start_multifd(uri, channels);
+        }
         // The URI is parsed once, by `Outgoing::open`: a malformed URI changes nothing.
         match Outgoing::open(uri) {
             Ok(out) => {
                 let abort = out.abort_handle();
-                self.spawn(Box::new(out), Some(abort))
+                self.spawn(Box::new(out), Vec::new(), Some(abort))
             }
-            Err(e @ (TransportError::UnknownScheme(_) | TransportError::BadUri { .. })) => {
-                Err(e.into())
-            }
-            Err(e) => {
-                let mut ctl = self.shared.lock();
-                ctl.publish(MigrationInfo {
-                    error_desc: Some(e.to_string()),
-                    ..Default::default()
-                });
-                self.shared.set_status(&mut ctl, MigrationStatus::Setup);
-                self.shared.set_status(&mut ctl, MigrationStatus::Failed);
-                Err(e.into())
+            Err(e) => self.connect_failed(e),
+        }
+    }
+
+    /// A connection error fails the migration (as in QEMU); a malformed URI changes
+    /// nothing.
+    fn connect_failed(&self, e: TransportError) -> Result<(), MigrateError> {
+        if matches!(
+            e,
+            TransportError::UnknownScheme(_) | TransportError::BadUri { .. }
+        ) {
+            return Err(e.into());
+        }
+        let mut ctl = self.shared.lock();
+        ctl.publish(MigrationInfo {
+            error_desc: Some(e.to_string()),
+            ..Default::default()
+        });
+        self.shared.set_status(&mut ctl, MigrationStatus::Setup);
+        self.shared.set_status(&mut ctl, MigrationStatus::Failed);
+        Err(e.into())
+    }
+
+    /// `migrate URI` with the `multifd` capability: the main connection, then
+    /// `channels` page connections, all to `uri` (`tcp:` or `unix:`).
+    fn start_multifd(&self, uri: &str, channels: u16) -> Result<(), MigrateError> {
+        let parsed: MigrationUri = uri.parse()?;
+        if !matches!(parsed, MigrationUri::Tcp { .. } | MigrationUri::Unix(_)) {
+            return Err(MigrateError::Multifd {
+                why: format!("{uri} is not a socket"),
+            });
+        }
+        let mut conns = Vec::with_capacity(usize::from(channels) + 1);
+        for _ in 0..=channels {
+            match Outgoing::open(uri) {
+                Ok(o) => conns.push(o),
+                Err(e) => return self.connect_failed(e),
             }
         }
+        let abort = AbortHandle::join(conns.iter().map(Outgoing::abort_handle));
+        let mut conns = conns.into_iter();
+        let main = conns.next().expect("channels + 1 connections");
+        let pages = conns
+            .map(|c| Box::new(c) as Box<dyn MigrationSink>)
+            .collect();
+        self.spawn(Box::new(main), pages, Some(abort))
     }
 
     /// Start a migration into any sink (a `Vec<u8>`, `io::sink()`, a socket you connected).
@@ -191,7 +238,32 @@ impl Migrator {
     /// Errors: [`MigrateError::InProgress`], [`MigrateError::Blocked`].
     pub fn start_to<S: MigrationSink + 'static>(&self, sink: S) -> Result<(), MigrateError> {
         self.precheck()?;
-        self.spawn(Box::new(sink), None)
+        self.spawn(Box::new(sink), Vec::new(), None)
+    }
+
+    /// Start a multifd migration into sinks you opened: `main` gets the main channel,
+    /// `channels[i]` page channel `i + 1` (layout: [`precopy_stream::multifd`]). Every
+    /// sink starts with its hello. The `multifd` capability and `multifd-channels` are not
+    /// consulted: the number of sinks decides. Cancel cannot unblock a sink that blocks.
+    ///
+    /// Errors: [`MigrateError::Multifd`] for 0 or more than 255 channels,
+    /// [`MigrateError::InProgress`], [`MigrateError::Blocked`].
+    pub fn start_multifd_to<S: MigrationSink + 'static>(
+        &self,
+        main: S,
+        channels: Vec<S>,
+    ) -> Result<(), MigrateError> {
+        if channels.is_empty() || channels.len() > usize::from(MAX_CHANNELS) {
+            return Err(MigrateError::Multifd {
+                why: format!("{} page channels", channels.len()),
+            });
+        }
+        self.precheck()?;
+        let pages = channels
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn MigrationSink>)
+            .collect();
+        self.spawn(Box::new(main), pages, None)
     }
 
     fn precheck(&self) -> Result<(), MigrateError> {
@@ -210,6 +282,7 @@ impl Migrator {
     fn spawn(
         &self,
         sink: Box<dyn MigrationSink>,
+        channels: Vec<Box<dyn MigrationSink>>,
         abort: Option<AbortHandle>,
     ) -> Result<(), MigrateError> {
         let mut ctl = self.shared.lock();
@@ -228,6 +301,7 @@ impl Migrator {
             params: ctl.params.clone(),
             caps: ctl.caps,
             pass_limit: ctl.pass_limit,
+            channels,
         };
         let guest = Arc::clone(&self.guest);
         let shared = Arc::clone(&self.shared);

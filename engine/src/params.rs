@@ -53,6 +53,14 @@ pub struct MigrationParameters {
     /// `multifd-zlib-level`: zlib level of `page-compression=zlib`, 0..=9, default 1.
     #[serde(default = "default_level_u32")]
     pub multifd_zlib_level: u32,
+    /// `multifd-channels`: page channels of a migration with the `multifd` capability,
+    /// 1..=255, default 2 (QEMU's name, range and default). Read when a migration starts.
+    #[serde(default = "default_multifd_channels")]
+    pub multifd_channels: u16,
+}
+
+fn default_multifd_channels() -> u16 {
+    2
 }
 
 fn default_level_i32() -> i32 {
@@ -151,6 +159,7 @@ impl Default for MigrationParameters {
             page_compression: PageCompression::None,
             multifd_zstd_level: 1,
             multifd_zlib_level: 1,
+            multifd_channels: 2,
         }
     }
 }
@@ -191,6 +200,9 @@ pub struct ParameterUpdate {
     /// `multifd-zlib-level` (read when a migration starts).
     #[serde(default)]
     pub multifd_zlib_level: Option<u32>,
+    /// `multifd-channels` (read when a migration starts).
+    #[serde(default)]
+    pub multifd_channels: Option<u16>,
 }
 
 fn pct(name: &'static str, v: u8, max: u8) -> Result<(), ParameterError> {
@@ -240,6 +252,13 @@ impl MigrationParameters {
                 expected: "an integer in the range of 0 to 9",
             });
         }
+        if !(1..=precopy_stream::multifd::MAX_CHANNELS).contains(&self.multifd_channels) {
+            return Err(ParameterError {
+                name: "multifd-channels",
+                value: self.multifd_channels.into(),
+                expected: "an integer in the range of 1 to 255",
+            });
+        }
         pct("cpu-throttle-initial", self.cpu_throttle_initial, 99)?;
         pct("cpu-throttle-increment", self.cpu_throttle_increment, 99)?;
         pct("max-cpu-throttle", self.max_cpu_throttle, 99)?;
@@ -269,7 +288,8 @@ impl MigrationParameters {
             throttle_trigger_threshold,
             page_compression,
             multifd_zstd_level,
-            multifd_zlib_level
+            multifd_zlib_level,
+            multifd_channels
         );
         next.validate()?;
         *self = next;
@@ -290,6 +310,13 @@ pub struct Capabilities {
     /// `x-parallel-encoding` (ours): zero detection and XBZRLE encoding on a rayon thread
     /// pool, with the XBZRLE cache sharded by page address across the threads.
     pub x_parallel_encoding: bool,
+    /// `multifd`: send pages over `multifd-channels` connections besides the main one
+    /// (`tcp:` and `unix:` only), each page channel with its own encoder and its own
+    /// shard of the XBZRLE cache; zero-page detection, XBZRLE and page compression run on
+    /// every channel (QEMU refuses XBZRLE with multifd). Layout:
+    /// [`precopy_stream::multifd`].
+    #[serde(default)]
+    pub multifd: bool,
 }
 
 #[cfg(test)]
@@ -311,6 +338,27 @@ mod tests {
         assert_eq!(j["page-compression"], "none");
         assert_eq!(j["multifd-zstd-level"], 1);
         assert_eq!(j["multifd-zlib-level"], 1);
+        assert_eq!(j["multifd-channels"], 2);
+    }
+
+    #[test]
+    fn multifd_channels_outside_qemus_range_are_rejected() {
+        let mut p = MigrationParameters::default();
+        for bad in [0u16, 256] {
+            let e = p
+                .apply(&ParameterUpdate {
+                    multifd_channels: Some(bad),
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert_eq!(e.name, "multifd-channels");
+        }
+        p.apply(&ParameterUpdate {
+            multifd_channels: Some(255),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(p.multifd_channels, 255);
     }
 
     #[test]

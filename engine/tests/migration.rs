@@ -589,6 +589,7 @@ fn parallel_encoding_roundtrip() {
             xbzrle: true,
             auto_converge: true,
             x_parallel_encoding: true,
+            multifd: false,
         })
         .unwrap();
         quick(&m);

@@ -183,6 +183,19 @@ impl<W: Write> StreamWriter<W> {
         Ok(self.inner)
     }
 
+    /// Appends `bytes` as they are, outside the stream's framing (a multifd hello,
+    /// [`multifd`](crate::multifd), before the file header or a page channel's first
+    /// record); counted in [`bytes_written`](Self::bytes_written) and by the rate limiter.
+    ///
+    /// # Errors
+    /// [`WriteError::Io`] when the buffer is handed on and that fails.
+    pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
+        self.record(|_, b| {
+            b.extend_from_slice(bytes);
+            Ok(())
+        })
+    }
+
     /// A `MULTIFD_FLUSH` sync point. See [`Encoder::multifd_flush`].
     ///
     /// # Errors

@@ -10,8 +10,10 @@
 //!
 //! Each migration runs `--passes` passes where a hook ([`precopy_engine::Hooked`]) dirties
 //! every page at each dirty-bitmap sync; the time the hook itself spends writing is excluded. The first two passes (bulk
-//! stage, then cache fill) are not counted. Then the XBZRLE-friendly guest again with the
-//! `x-parallel-encoding` capability, for the scaling on all cores.
+//! stage, then cache fill) are not counted. Each guest runs as one stream and as multifd
+//! with 1, 2 and 4 page channels (in-process sinks; GB/s per core divides by the cores the
+//! channels can use). Then the XBZRLE-friendly guest again, alternating one stream,
+//! `x-parallel-encoding` and multifd with 1 and 2 channels, for the scaling on all cores.
 //!
 //! `cargo run --release -p precopy-benches --bin engine-throughput [-- --passes N --mib M]`
 
@@ -77,7 +79,16 @@ struct Result1 {
     wire_ratio: f64,
 }
 
-fn run(kind: Kind, mib: u64, passes: u64, parallel: bool) -> Result1 {
+/// How the pages leave: one stream, one stream with `x-parallel-encoding`, or multifd with
+/// that many page channels (each an in-process sink).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Single,
+    Parallel,
+    Multifd(usize),
+}
+
+fn run(kind: Kind, mib: u64, passes: u64, mode: Mode) -> Result1 {
     let inner = SimGuest::new(SimConfig {
         blocks: vec![("pc.ram".into(), mib << 20)],
         workload: SimWorkload::Sparse,
@@ -99,7 +110,8 @@ fn run(kind: Kind, mib: u64, passes: u64, parallel: bool) -> Result1 {
     m.set_capabilities(Capabilities {
         xbzrle: true,
         auto_converge: false,
-        x_parallel_encoding: parallel,
+        x_parallel_encoding: mode == Mode::Parallel,
+        multifd: false,
     })
     .unwrap();
     m.set_parameters(&ParameterUpdate {
@@ -108,7 +120,12 @@ fn run(kind: Kind, mib: u64, passes: u64, parallel: bool) -> Result1 {
         ..Default::default()
     })
     .unwrap();
-    m.start_to(std::io::sink()).unwrap();
+    match mode {
+        Mode::Multifd(n) => m
+            .start_multifd_to(std::io::sink(), (0..n).map(|_| std::io::sink()).collect())
+            .unwrap(),
+        _ => m.start_to(std::io::sink()).unwrap(),
+    }
     let info = m.wait().unwrap();
     assert_eq!(info.status, MigrationStatus::Completed, "{info:?}");
     let marks = dirtier.marks.lock().unwrap().clone();
@@ -156,44 +173,61 @@ fn main() {
     let passes = arg("--passes", 6).max(3);
     if std::env::args().any(|a| a == "--xbzrle-only") {
         // For profiling: only the single-core XBZRLE-friendly run.
-        let r = run(Kind::XbzrleFriendly, arg("--mib", 48).max(1), passes, false);
+        let r = run(Kind::XbzrleFriendly, arg("--mib", 48).max(1), passes, Mode::Single);
         println!("xbzrle-friendly: {:.2} GB/s", r.gbps);
         return;
     }
     let mib = arg("--mib", 48).max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let memcpy = memcpy_gbps(mib);
     println!(
-        "engine throughput, {mib} MiB guest, best of passes 3..={passes}, xbzrle backend {:?}, {} threads",
+        "engine throughput, {mib} MiB guest, best of passes 3..={passes}, xbzrle backend {:?}, {cores} threads",
         xbzrle::Codec::new().backend(),
-        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    println!("memcpy ({mib} MiB buffers): {memcpy:.2} GB/s");
+    println!("memcpy ({mib} MiB buffers, one core): {memcpy:.2} GB/s");
     println!(
-        "{:<16} {:>10} {:>12} {:>14}",
-        "guest", "GB/s/core", "vs memcpy", "wire/RAM"
+        "{:<16} {:<10} {:>9} {:>10} {:>10} {:>10}",
+        "guest", "channels", "GB/s", "GB/s/core", "vs memcpy", "wire/RAM"
     );
     for kind in [Kind::ZeroHeavy, Kind::XbzrleFriendly, Kind::Random] {
-        let r = run(kind, mib, passes, false);
-        println!(
-            "{:<16} {:>10.2} {:>11.0}% {:>14.4}",
-            format!("{kind:?}"),
-            r.gbps,
-            100.0 * r.gbps / memcpy,
-            r.wire_ratio
-        );
+        for mode in [
+            Mode::Single,
+            Mode::Multifd(1),
+            Mode::Multifd(2),
+            Mode::Multifd(4),
+        ] {
+            let r = run(kind, mib, passes, mode);
+            let (label, used) = match mode {
+                Mode::Multifd(n) => (format!("multifd {n}"), n.min(cores)),
+                _ => ("1 stream".to_string(), 1),
+            };
+            let per_core = r.gbps / used as f64;
+            println!(
+                "{:<16} {:<10} {:>9.2} {:>10.2} {:>9.0}% {:>10.4}",
+                format!("{kind:?}"),
+                label,
+                r.gbps,
+                per_core,
+                100.0 * per_core / memcpy,
+                r.wire_ratio
+            );
+        }
     }
-    // Alternate the two configurations and keep the best of each: on a shared machine a
+    // Alternate the configurations and keep the best of each: on a shared machine a
     // single pair of runs mostly measures who else was running.
-    let (mut one, mut par) = (0.0f64, 0.0f64);
+    let (mut one, mut par, mut m1, mut m2) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for _ in 0..3 {
-        one = one.max(run(Kind::XbzrleFriendly, mib, passes, false).gbps);
-        par = par.max(run(Kind::XbzrleFriendly, mib, passes, true).gbps);
+        one = one.max(run(Kind::XbzrleFriendly, mib, passes, Mode::Single).gbps);
+        par = par.max(run(Kind::XbzrleFriendly, mib, passes, Mode::Parallel).gbps);
+        m1 = m1.max(run(Kind::XbzrleFriendly, mib, passes, Mode::Multifd(1)).gbps);
+        m2 = m2.max(run(Kind::XbzrleFriendly, mib, passes, Mode::Multifd(2)).gbps);
     }
     println!(
-        "parallel encoding, xbzrle-friendly: 1 thread {:.2} GB/s, {} threads {:.2} GB/s, scaling {:.2}x",
-        one,
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        par,
-        par / one
+        "xbzrle-friendly, best of 3 alternating: 1 stream {one:.2} GB/s ({:.0}% of memcpy), \
+         x-parallel-encoding {par:.2} GB/s ({:.2}x), multifd 1 channel {m1:.2} GB/s, \
+         multifd 2 channels {m2:.2} GB/s: scaling {:.2}x (goal 1.7x)",
+        100.0 * one / memcpy,
+        par / one,
+        m2 / m1
     );
 }

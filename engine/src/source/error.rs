@@ -6,7 +6,7 @@ use std::io;
 use precopy_pagecache::CacheError;
 use precopy_stream::WriteError;
 
-use super::pages::SendError;
+use super::pages::{ChannelCloseError, SendError};
 use crate::guest::GuestError;
 
 /// Why a migration failed; its text becomes `query-migrate`'s `error-desc`.
@@ -36,6 +36,18 @@ pub(super) enum SourceError {
     /// Closing the sink failed (e.g. an `exec:` command failed).
     #[error("closing the transport: {0}")]
     Close(#[source] io::Error),
+    /// Writing a multifd page channel failed (the connection dropped, ...).
+    #[error("multifd channel {channel}: stream: {source}")]
+    Channel {
+        /// Page channel, 1..=`multifd-channels`.
+        channel: usize,
+        /// The write error.
+        #[source]
+        source: WriteError,
+    },
+    /// Closing a multifd page channel failed.
+    #[error(transparent)]
+    ChannelClose(#[from] ChannelCloseError),
 }
 
 /// Why the loop stopped early.
@@ -55,6 +67,7 @@ impl From<SendError> for SourceError {
         match e {
             SendError::Guest(e) => SourceError::Guest(e),
             SendError::Stream(e) => SourceError::Stream(e),
+            SendError::Channel { channel, source } => SourceError::Channel { channel, source },
         }
     }
 }

@@ -53,7 +53,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use precopy_stream::StreamWriter;
+use precopy_stream::multifd::Hello;
+use precopy_stream::{Encoder, StreamWriter};
 use xbzrle::PAGE_SIZE;
 
 use crate::guest::{Guest, RamBlockInfo, SharedGuest};
@@ -88,6 +89,8 @@ pub(crate) struct Settings {
     pub(crate) params: MigrationParameters,
     pub(crate) caps: Capabilities,
     pub(crate) pass_limit: Option<u64>,
+    /// multifd page channels' sinks (empty: one stream).
+    pub(crate) channels: Vec<Box<dyn MigrationSink>>,
 }
 
 /// The migration thread's state.
@@ -120,6 +123,14 @@ struct Source<'a> {
     stopped: bool,
     /// Bytes of the stream once the sink was closed.
     closed_bytes: u64,
+    /// multifd page channels' sinks until setup wraps them (empty: one stream).
+    channel_sinks: Vec<Box<dyn MigrationSink>>,
+    /// multifd: the last sync point's number.
+    multifd_seq: u64,
+    /// multifd: page-channel bytes already charged to the main writer's rate limiter.
+    charged: u64,
+    /// multifd: page-channel bytes once the channels were closed.
+    closed_channel_bytes: u64,
 }
 
 /// The migration thread: setup, iterate, complete; on failure or cancel, restore the source.
@@ -131,6 +142,7 @@ pub(crate) fn run(
     settings: Settings,
 ) {
     let mut settings = settings;
+    let channel_sinks = std::mem::take(&mut settings.channels);
     // `page-compression=xbzrle|auto` needs the XBZRLE cache.
     settings.caps.xbzrle |= settings.params.page_compression.needs_xbzrle_cache();
     let now = Instant::now();
@@ -158,6 +170,10 @@ pub(crate) fn run(
         throttle: 0,
         stopped: false,
         closed_bytes: 0,
+        channel_sinks,
+        multifd_seq: 0,
+        charged: 0,
+        closed_channel_bytes: 0,
     };
     let result = src.setup().and_then(|()| src.iterate());
     let (final_status, downtime, error) = match result {
@@ -191,6 +207,33 @@ pub(crate) fn run(
     ctl.publish(info);
     ctl.abort = None;
     shared.set_status(&mut ctl, final_status);
+}
+
+/// multifd: charge the page channels' new bytes to the main writer's rate limiter, so
+/// `max-bandwidth` bounds the total over all connections.
+fn charge(pipeline: &Pipeline, w: &mut Writer, charged: &mut u64) {
+    let b = pipeline.channel_bytes();
+    if b > *charged {
+        w.rate_limiter_mut().record(b - *charged);
+        *charged = b;
+    }
+}
+
+/// A migration id for the multifd hellos: unique per process and start (BLAKE3 of the
+/// process id, the time and a counter).
+fn new_migration_id() -> [u8; 16] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    h.update(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.update(&now.to_le_bytes());
+    h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    id
 }
 
 /// As QEMU at completion: `mbps` becomes the mean over the whole transfer,
@@ -229,11 +272,14 @@ impl Source<'_> {
         }
         self.total = base;
         self.bitmap = DirtyBitmap::all_dirty(&self.blocks);
+        let channels = self.open_channels()?;
         self.pipeline = Some(
-            Pipeline::new(&self.settings.caps, &self.settings.params).map_err(|e| match e {
-                PipelineError::Cache(e) => SourceError::Cache(e),
-                PipelineError::Compress(e) => SourceError::Compress(e),
-            })?,
+            Pipeline::new(&self.settings.caps, &self.settings.params, channels).map_err(
+                |e| match e {
+                    PipelineError::Cache(e) => SourceError::Cache(e),
+                    PipelineError::Compress(e) => SourceError::Compress(e),
+                },
+            )?,
         );
         self.check_cancel()?;
         self.w.write_header(MACHINE_TYPE)?;
@@ -252,6 +298,61 @@ impl Source<'_> {
         }
         drop(ctl);
         self.check_cancel()
+    }
+
+    /// multifd: a new migration id, the main channel's hello, and a writer with its hello
+    /// on every page channel ([`precopy_stream::multifd`]). Nothing without multifd.
+    fn open_channels(&mut self) -> Result<Vec<Writer>, Stop> {
+        let sinks = std::mem::take(&mut self.channel_sinks);
+        if sinks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let channels = sinks.len() as u16;
+        let id = new_migration_id();
+        let hello = |index| {
+            Hello {
+                migration_id: id,
+                index,
+                channels,
+            }
+            .to_bytes()
+        };
+        self.w.write_raw(&hello(0))?;
+        let mut out = Vec::with_capacity(sinks.len());
+        for (i, sink) in sinks.into_iter().enumerate() {
+            let mut w = StreamWriter::with_encoder(sink, Encoder::page_records_only(&self.blocks));
+            let channel = i + 1;
+            w.write_raw(&hello(channel as u16))
+                .and_then(|()| w.flush())
+                .map_err(|source| SourceError::Channel { channel, source })?;
+            out.push(w);
+        }
+        Ok(out)
+    }
+
+    /// Stream bytes written so far: the main channel's and, with multifd, the page
+    /// channels'.
+    fn bytes_total(&self) -> u64 {
+        self.w.bytes_written()
+            + self.pipeline.as_ref().map_or(0, Pipeline::channel_bytes)
+            + self.closed_channel_bytes
+    }
+
+    fn multifd(&self) -> bool {
+        self.pipeline.as_ref().is_some_and(Pipeline::is_multifd)
+    }
+
+    /// multifd: the next sync point, on every page channel, then in the main channel's
+    /// open `ram` section; every connection flushed.
+    fn multifd_sync(&mut self) -> Result<(), Stop> {
+        self.multifd_seq += 1;
+        let seq = self.multifd_seq;
+        self.pipeline()
+            .channels_sync(seq)
+            .map_err(SourceError::from)?;
+        self.w.write_multifd_flush(seq)?;
+        self.w.flush()?;
+        Ok(())
     }
 
     fn pipeline(&mut self) -> &mut Pipeline {
@@ -291,7 +392,7 @@ impl Source<'_> {
                 self.start.elapsed().as_secs_f64(),
                 count.dirty,
                 count.newly,
-                self.w.bytes_written(),
+                self.bytes_total(),
                 self.est.threshold,
                 self.throttle
             );
@@ -301,7 +402,7 @@ impl Source<'_> {
         let end = self.period.on_sync(
             Instant::now(),
             count.newly,
-            self.w.bytes_written(),
+            self.bytes_total(),
             &self.c,
             misses,
         );
@@ -322,14 +423,14 @@ impl Source<'_> {
 
     /// Every 100 ms: bandwidth, threshold, expected downtime (QEMU migration_update_counters).
     fn update_counters(&mut self, now: Instant) {
-        let bytes = self.w.bytes_written();
+        let bytes = self.bytes_total();
         let max_bandwidth = self.settings.params.max_bandwidth;
         if let Some(p) = self.pipeline.as_mut() {
             p.update_link(&self.c, bytes, max_bandwidth);
         }
         self.est.update(
             now,
-            self.w.bytes_written(),
+            self.bytes_total(),
             self.c.handled,
             self.bitmap.dirty_pages() * PAGE,
             &self.settings.params,
@@ -380,6 +481,7 @@ impl Source<'_> {
                     pipeline
                         .send_batch(&step, &batch, &mut self.w, &mut self.c)
                         .map_err(SourceError::from)?;
+                    charge(pipeline, &mut self.w, &mut self.charged);
                 }
                 if end {
                     return Ok(true);
@@ -391,6 +493,7 @@ impl Source<'_> {
                         pipeline
                             .send_one(&step, job(&self.base, p), &mut self.w, &mut self.c)
                             .map_err(SourceError::from)?;
+                        charge(pipeline, &mut self.w, &mut self.charged);
                     }
                     None => return Ok(true),
                 }
@@ -423,6 +526,10 @@ impl Source<'_> {
             }
             self.w.begin_ram_iteration()?;
             let pass_end = self.send_some(false)?;
+            if pass_end && self.multifd() {
+                // Every page of this pass lands before any of the next one.
+                self.multifd_sync()?;
+            }
             self.w.end_ram_section()?;
             if pass_end {
                 // The bulk stage is over: XBZRLE from now on (QEMU xbzrle_enabled).
@@ -444,7 +551,7 @@ impl Source<'_> {
 
     /// Stop the guest, send the rest, device states, EOF, then the VM description.
     fn complete(&mut self) -> Result<u64, Stop> {
-        self.c.precopy_bytes = self.w.bytes_written();
+        self.c.precopy_bytes = self.bytes_total();
         let stop_at = Instant::now();
         self.guest.stop()?;
         self.stopped = true;
@@ -455,6 +562,14 @@ impl Source<'_> {
         // can miss pages before it: go round until no dirty page is left (QEMU
         // ram_save_complete loops until ram_find_and_save_block finds nothing).
         while !self.send_some(true)? || self.bitmap.dirty_pages() > 0 {}
+        if self.multifd() {
+            // The last sync point, then the end of every page channel: the destination
+            // reads the END section only once every page has landed.
+            self.multifd_sync()?;
+            self.pipeline()
+                .channels_end()
+                .map_err(SourceError::from)?;
+        }
         self.w.end_ram_section()?;
         for (name, instance, version, payload) in self.guest.device_states()? {
             self.w
@@ -468,6 +583,11 @@ impl Source<'_> {
         let desc = vmdesc::vm_description(&self.blocks, &digest);
         self.w.write_vm_description(desc.as_bytes())?;
         self.w.flush()?;
+        // Page channels first: the destination closes the main channel only once it has
+        // read every channel to its end.
+        if let Some(p) = self.pipeline.as_mut() {
+            self.closed_channel_bytes = p.close_channels()?;
+        }
         // Hand the sink back (finish flushes) and close it; keep the byte count.
         let w = std::mem::replace(&mut self.w, StreamWriter::new(Box::new(io::sink())));
         self.closed_bytes = w.bytes_written();

@@ -320,7 +320,11 @@ struct Shard {
     jobs: Vec<Job>,
     slots: Vec<Box<Slot>>,
     kinds: Vec<Kind>,
-    error: Option<GuestError>,
+    error: Option<SendError>,
+    /// multifd: this shard's page channel (its records go there, written on the shard's
+    /// thread) and its counts since the last batch.
+    out: Option<Writer>,
+    c: Counters,
 }
 
 /// What every page of one send step shares.
@@ -436,6 +440,25 @@ pub(crate) enum PipelineError {
     Compress(#[from] CompressError),
 }
 
+/// Why closing a multifd page channel failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ChannelCloseError {
+    /// Flushing its last bytes.
+    #[error("multifd channel {channel}: {source}")]
+    Write {
+        channel: usize,
+        #[source]
+        source: WriteError,
+    },
+    /// Closing it (the destination did not confirm, or the socket failed).
+    #[error("multifd channel {channel}: {source}")]
+    Close {
+        channel: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Why sending a page failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SendError {
@@ -445,6 +468,13 @@ pub(crate) enum SendError {
     /// Writing its record.
     #[error(transparent)]
     Stream(#[from] WriteError),
+    /// Writing its record on multifd page channel `channel`.
+    #[error("multifd channel {channel}: {source}")]
+    Channel {
+        channel: usize,
+        #[source]
+        source: WriteError,
+    },
 }
 
 /// The codec and the cache shards.
@@ -458,21 +488,28 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
-    /// One shard per encoding thread (a power of two; 1 without `x-parallel-encoding`),
-    /// each with an XBZRLE cache of its share of `xbzrle-cache-size` when XBZRLE is on.
+    /// One shard per multifd page channel (`channels`, each shard writing its records
+    /// there), else one per encoding thread (a power of two; 1 without
+    /// `x-parallel-encoding`), each with an XBZRLE cache of its share of
+    /// `xbzrle-cache-size` when XBZRLE is on. Page `p` (flat page index) belongs to shard
+    /// `p mod n`, which is multifd page channel `1 + p mod n`.
     ///
     /// Errors: the cache cannot be built for that size.
     pub(crate) fn new(
         caps: &Capabilities,
         params: &MigrationParameters,
+        channels: Vec<Writer>,
     ) -> Result<Pipeline, PipelineError> {
-        let n = if caps.x_parallel_encoding {
+        let n = if !channels.is_empty() {
+            channels.len()
+        } else if caps.x_parallel_encoding {
             let t = rayon::current_num_threads().max(1);
             1usize << (usize::BITS - 1 - t.leading_zeros())
         } else {
             1
         };
         let mut shards = Vec::with_capacity(n);
+        let mut channels = channels.into_iter();
         for _ in 0..n {
             let cache = if caps.xbzrle {
                 Some(PageCache::new(
@@ -489,6 +526,8 @@ impl Pipeline {
                 slots: vec![Slot::new()],
                 kinds: Vec::new(),
                 error: None,
+                out: channels.next(),
+                c: Counters::default(),
             });
         }
         let link_bandwidth = shards[0]
@@ -537,6 +576,64 @@ impl Pipeline {
         self.shards.iter().map(|s| s.comp.cpu_ns[m.index()]).sum()
     }
 
+    /// multifd: bytes written on the page channels so far (0 without multifd).
+    pub(crate) fn channel_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .filter_map(|s| s.out.as_ref())
+            .map(Writer::bytes_written)
+            .sum()
+    }
+
+    /// multifd: true when the pages go on page channels.
+    pub(crate) fn is_multifd(&self) -> bool {
+        self.shards.iter().any(|s| s.out.is_some())
+    }
+
+    /// multifd: sync point `seq` on every page channel, each flushed (the main channel's
+    /// follows, written by the caller: [`precopy_stream::multifd`]).
+    pub(crate) fn channels_sync(&mut self, seq: u64) -> Result<(), SendError> {
+        self.each_channel(|out| out.write_multifd_flush(seq).and_then(|()| out.flush()))
+    }
+
+    fn each_channel(
+        &mut self,
+        mut f: impl FnMut(&mut Writer) -> Result<(), WriteError>,
+    ) -> Result<(), SendError> {
+        for (i, sh) in self.shards.iter_mut().enumerate() {
+            if let Some(out) = &mut sh.out {
+                f(out).map_err(|source| SendError::Channel {
+                    channel: i + 1,
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// multifd: the closing EOS on every page channel, flushed.
+    pub(crate) fn channels_end(&mut self) -> Result<(), SendError> {
+        self.each_channel(|out| out.write_multifd_channel_end().and_then(|()| out.flush()))
+    }
+
+    /// multifd: close every page channel ([`MigrationSink::close`]: a socket waits for the
+    /// destination to close its end). Returns the bytes they carried.
+    pub(crate) fn close_channels(&mut self) -> Result<u64, ChannelCloseError> {
+        let mut bytes = 0;
+        for (i, sh) in self.shards.iter_mut().enumerate() {
+            if let Some(out) = sh.out.take() {
+                bytes += out.bytes_written();
+                let channel = i + 1;
+                let mut sink = out
+                    .finish()
+                    .map_err(|e| ChannelCloseError::Write { channel, source: e })?;
+                sink.close()
+                    .map_err(|e| ChannelCloseError::Close { channel, source: e })?;
+            }
+        }
+        Ok(bytes)
+    }
+
     /// More than one shard: pages go in batches.
     pub(crate) fn is_parallel(&self) -> bool {
         self.shards.len() > 1
@@ -579,8 +676,11 @@ impl Pipeline {
         let sh = &mut self.shards[0];
         let slot = &mut sh.slots[0];
         let kind = step.process(&self.codec, &mut sh.xbzrle, &mut sh.comp, slot, job)?;
-        emit(w, c, kind, slot, job)?;
-        Ok(())
+        match &mut sh.out {
+            Some(out) => emit(out, c, kind, slot, job)
+                .map_err(|source| SendError::Channel { channel: 1, source }),
+            None => Ok(emit(w, c, kind, slot, job)?),
+        }
     }
 
     /// Send a batch of pages with the shards working in parallel.
@@ -599,13 +699,27 @@ impl Pipeline {
             self.shards[((job.addr / PAGE) % n) as usize].jobs.push(job);
         }
         let codec = &self.codec;
-        self.shards.par_iter_mut().for_each(|sh| {
+        self.shards.par_iter_mut().enumerate().for_each(|(i, sh)| {
             while sh.slots.len() < sh.jobs.len() {
                 sh.slots.push(Slot::new());
             }
             sh.kinds.clear();
             for (j, &job) in sh.jobs.iter().enumerate() {
-                match step.process(codec, &mut sh.xbzrle, &mut sh.comp, &mut sh.slots[j], job) {
+                let slot = &mut sh.slots[j];
+                let r = step
+                    .process(codec, &mut sh.xbzrle, &mut sh.comp, slot, job)
+                    .map_err(SendError::from)
+                    .and_then(|k| match &mut sh.out {
+                        // multifd: the record goes out on this shard's channel, now.
+                        Some(out) => emit(out, &mut sh.c, k, slot, job)
+                            .map(|()| k)
+                            .map_err(|source| SendError::Channel {
+                                channel: i + 1,
+                                source,
+                            }),
+                        None => Ok(k),
+                    });
+                match r {
                     Ok(k) => sh.kinds.push(k),
                     Err(e) => {
                         sh.error = Some(e);
@@ -615,11 +729,14 @@ impl Pipeline {
             }
         });
         for sh in &mut self.shards {
+            c.absorb(&mut sh.c);
             if let Some(e) = sh.error.take() {
-                return Err(e.into());
+                return Err(e);
             }
-            for (j, &job) in sh.jobs.iter().enumerate() {
-                emit(w, c, sh.kinds[j], &sh.slots[j], job)?;
+            if sh.out.is_none() {
+                for (j, &job) in sh.jobs.iter().enumerate() {
+                    emit(w, c, sh.kinds[j], &sh.slots[j], job)?;
+                }
             }
         }
         Ok(())

@@ -45,6 +45,25 @@ pub(crate) struct Counters {
     pub(crate) emit_ns: u64,
 }
 
+impl Counters {
+    /// Adds `o`'s page counts (a multifd channel's, since the last batch) and zeroes
+    /// them there.
+    pub(crate) fn absorb(&mut self, o: &mut Counters) {
+        self.duplicate += o.duplicate;
+        self.normal += o.normal;
+        self.xbzrle_pages += o.xbzrle_pages;
+        self.xbzrle_bytes += o.xbzrle_bytes;
+        self.unchanged += o.unchanged;
+        self.handled += o.handled;
+        for (a, b) in self.per_method.iter_mut().zip(o.per_method) {
+            a.0 += b.0;
+            a.1 += b.1;
+        }
+        self.emit_ns += o.emit_ns;
+        *o = Counters::default();
+    }
+}
+
 /// The 100 ms estimator.
 #[derive(Debug)]
 pub(crate) struct Estimator {
@@ -275,7 +294,7 @@ impl Source<'_> {
 
     /// Bytes of stream produced (all of it on the wire once the sink is closed).
     fn transferred(&self) -> u64 {
-        self.closed_bytes + self.w.bytes_written()
+        self.closed_bytes + self.bytes_total()
     }
 
     /// Publish the current statistics to `query-migrate`.

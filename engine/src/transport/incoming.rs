@@ -128,6 +128,54 @@ impl IncomingListener {
         }
     }
 
+    /// Accept one more connection and keep listening (`tcp:` and `unix:` only; a multifd
+    /// destination accepts its main and page channels this way). With `nonblocking`,
+    /// `Ok(None)` when no connection is waiting. The connection itself is blocking.
+    ///
+    /// Errors: [`TransportError::Io`]; [`TransportError::BadUri`] for `file:`, `exec:` and
+    /// `fd:`, which have one stream only.
+    pub fn accept_next(&self, nonblocking: bool) -> Result<Option<Incoming>, TransportError> {
+        let io = |source| TransportError::Io {
+            what: "accept on",
+            uri: self.uri.clone(),
+            source,
+        };
+        let r = match &self.kind {
+            ListenKind::Tcp(l) => {
+                l.set_nonblocking(nonblocking).map_err(io)?;
+                l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    Ok(InKind::Tcp(s))
+                })
+            }
+            ListenKind::Unix(l, _) => {
+                l.set_nonblocking(nonblocking).map_err(io)?;
+                l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    Ok(InKind::Unix(s))
+                })
+            }
+            ListenKind::Ready(_) => {
+                return Err(TransportError::BadUri {
+                    uri: self.uri.clone(),
+                    why: "only tcp: and unix: accept more than one connection",
+                });
+            }
+        };
+        match r {
+            Ok(kind) => Ok(Some(Incoming { kind })),
+            Err(e) if nonblocking && e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Stop listening; a `unix:` socket file is removed.
+    pub fn close(self) {
+        if let ListenKind::Unix(_, p) = &self.kind {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
     /// Wait for the source (accept one connection).
     pub fn accept(self) -> Result<Incoming, TransportError> {
         let io = |source| TransportError::Io {
@@ -147,6 +195,29 @@ impl IncomingListener {
                 })
             }
             ListenKind::Ready(i) => Ok(i),
+        }
+    }
+}
+
+impl Incoming {
+    /// Bound how long a read waits (`None`: forever); sockets only, a no-op otherwise.
+    ///
+    /// Errors: the OS refused the timeout.
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match &self.kind {
+            InKind::Tcp(s) => s.set_read_timeout(t),
+            InKind::Unix(s) => s.set_read_timeout(t),
+            _ => Ok(()),
+        }
+    }
+
+    /// A handle that shuts the connection down from another thread, so a blocked read
+    /// returns (sockets only; a no-op for files and pipes).
+    pub fn abort_handle(&self) -> super::AbortHandle {
+        match &self.kind {
+            InKind::Tcp(s) => super::outgoing::abort_tcp(s),
+            InKind::Unix(s) => super::outgoing::abort_unix(s),
+            _ => super::AbortHandle::join([]),
         }
     }
 }

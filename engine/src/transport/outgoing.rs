@@ -31,7 +31,7 @@ impl fmt::Debug for Outgoing {
 
 /// A handle that aborts a blocked transport from another thread (used by cancel).
 #[derive(Debug)]
-pub struct AbortHandle(Option<AbortKind>);
+pub struct AbortHandle(Vec<AbortKind>);
 
 #[derive(Debug)]
 enum AbortKind {
@@ -39,18 +39,34 @@ enum AbortKind {
     Unix(UnixStream),
 }
 
+/// An abort handle for a TCP connection (empty when the socket cannot be cloned).
+pub(super) fn abort_tcp(s: &TcpStream) -> AbortHandle {
+    AbortHandle(s.try_clone().ok().map(AbortKind::Tcp).into_iter().collect())
+}
+
+/// An abort handle for a Unix connection (empty when the socket cannot be cloned).
+pub(super) fn abort_unix(s: &UnixStream) -> AbortHandle {
+    AbortHandle(s.try_clone().ok().map(AbortKind::Unix).into_iter().collect())
+}
+
 impl AbortHandle {
     /// Shut the connection down (both directions); blocked reads and writes return.
     pub fn abort(&self) {
-        match &self.0 {
-            Some(AbortKind::Tcp(s)) => {
-                let _ = s.shutdown(Shutdown::Both);
+        for k in &self.0 {
+            match k {
+                AbortKind::Tcp(s) => {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                AbortKind::Unix(s) => {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
             }
-            Some(AbortKind::Unix(s)) => {
-                let _ = s.shutdown(Shutdown::Both);
-            }
-            None => {}
         }
+    }
+
+    /// One handle that aborts every connection of `handles` (a multifd migration's).
+    pub fn join(handles: impl IntoIterator<Item = AbortHandle>) -> AbortHandle {
+        AbortHandle(handles.into_iter().flat_map(|h| h.0).collect())
     }
 }
 
@@ -99,11 +115,11 @@ impl Outgoing {
     /// A handle that can abort blocked I/O from another thread (sockets only; files and
     /// pipes do not block indefinitely on a live peer, and exec children are killed on drop).
     pub fn abort_handle(&self) -> AbortHandle {
-        AbortHandle(match &self.kind {
-            OutKind::Tcp(s) => s.try_clone().ok().map(AbortKind::Tcp),
-            OutKind::Unix(s) => s.try_clone().ok().map(AbortKind::Unix),
-            _ => None,
-        })
+        match &self.kind {
+            OutKind::Tcp(s) => abort_tcp(s),
+            OutKind::Unix(s) => abort_unix(s),
+            _ => AbortHandle(Vec::new()),
+        }
     }
 
     /// Flush and close (see [`MigrationSink::close`]). For `exec:` waits for the command

@@ -26,10 +26,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Instant;
 
+use precopy_stream::multifd::{HELLO_LEN, MULTIFD_MAGIC};
 use precopy_stream::{
     ForeignDeviceState, Limits, LoadStats, Loader, OwnedDeviceState, RamImage, RamTarget,
     StreamReader,
 };
+
+mod multifd;
+
+pub use multifd::{ChannelRefused, GATHER_TIMEOUT, HELLO_TIMEOUT};
 
 use crate::info::{MigrationStatus, StateChange};
 use crate::transport::{IncomingListener, TransportError};
@@ -58,6 +63,25 @@ pub enum IncomingError {
          receive its migration with verification off, `--verify off`)"
     )]
     MissingDigest,
+    /// A multifd page channel's stream is malformed or its connection dropped; `offset`
+    /// counts from the first byte after its hello.
+    #[error("multifd channel {channel}: migration stream error: {source}")]
+    Channel {
+        /// Page channel, 1..=N.
+        channel: u16,
+        /// Byte offset in the channel's records.
+        offset: u64,
+        /// The stream error.
+        #[source]
+        source: precopy_stream::Error,
+    },
+    /// A multifd migration broke the rules of [`precopy_stream::multifd`]: a bad first
+    /// hello, channels missing, sync points out of order, a file transport.
+    #[error("multifd: {why}")]
+    Multifd {
+        /// What happened.
+        why: String,
+    },
     /// The RAM read does not match the source's digest.
     #[error("RAM digest mismatch: source {expected}, destination {actual}")]
     DigestMismatch {
@@ -90,8 +114,13 @@ pub struct Received<T = RamImage> {
     /// was built with [`Destination::with_verify`]`(false)`, e.g. for a QEMU stream, which
     /// carries no RAM digest).
     pub verified: bool,
-    /// Stream bytes read.
+    /// Stream bytes read (all connections of a multifd migration).
     pub bytes: u64,
+    /// multifd page channels of the migration (0: a single stream).
+    pub multifd_channels: u16,
+    /// Connections refused while a multifd migration was accepted or ran (strays,
+    /// duplicates, other migrations): they did not disturb it.
+    pub refused_connections: Vec<ChannelRefused>,
     /// ms from the first byte to the verified end.
     pub total_time_ms: u64,
 }
@@ -206,21 +235,110 @@ impl Destination {
     }
 
     /// Accept one source on `listener` and [`receive_into`](Destination::receive_into)
-    /// `target` from it.
-    pub fn accept_and_receive_into<T: RamTarget>(
+    /// `target` from it. The source decides the shape: a plain stream (first bytes
+    /// `QEVM`), or a multifd migration (first bytes `PCMF`, [`precopy_stream::multifd`]),
+    /// whose main and page channels are accepted in any order on `listener` (`tcp:` and
+    /// `unix:`), loaded in parallel, strays refused ([`Received::refused_connections`]).
+    ///
+    /// Errors: as [`receive_into`](Destination::receive_into), plus
+    /// [`IncomingError::Transport`] when accepting fails, [`IncomingError::Channel`] and
+    /// [`IncomingError::Multifd`] for a multifd migration; the state is then failed.
+    pub fn accept_and_receive_into<T: RamTarget + Send>(
         &self,
         listener: IncomingListener,
         limits: Limits,
         target: T,
     ) -> Result<Received<T>, IncomingError> {
         self.set(MigrationStatus::Setup);
-        match listener.accept() {
-            Ok(conn) => self.receive_into(conn, limits, target),
-            Err(e) => {
-                self.fail(e.to_string());
-                Err(e.into())
-            }
+        let r = self.accept_first(listener).and_then(|first| match first {
+            First::Single(conn) => self.receive_into(conn, limits, target),
+            First::Multifd(g) => self.receive_multifd(g, limits, target),
+        });
+        if let Err(e) = &r
+            && self.status() != MigrationStatus::Failed
+        {
+            self.fail(e.to_string());
         }
+        r
+    }
+
+    /// The first connection: a plain stream (its first four bytes put back in front), or
+    /// a multifd migration's first connection, with the others gathered.
+    fn accept_first(&self, listener: IncomingListener) -> Result<First, IncomingError> {
+        let mut conn = match listener.accept_next(false) {
+            Ok(Some(c)) => c,
+            Ok(None) => unreachable!("a blocking accept returns a connection"),
+            // file:, exec:, fd: have their one stream ready.
+            Err(TransportError::BadUri { .. }) => return self.first_of_one(listener),
+            Err(e) => return Err(e.into()),
+        };
+        let mut magic = [0u8; 4];
+        let got = read_up_to(&mut conn, &mut magic)?;
+        if got == 4 && u32::from_be_bytes(magic) == MULTIFD_MAGIC {
+            return Ok(First::Multifd(multifd::gather(listener, conn, magic)?));
+        }
+        listener.close();
+        Ok(First::Single(Box::new(
+            io::Cursor::new(magic[..got].to_vec()).chain(conn),
+        )))
+    }
+
+    fn first_of_one(&self, listener: IncomingListener) -> Result<First, IncomingError> {
+        let mut conn = listener.accept()?;
+        let mut magic = [0u8; 4];
+        let got = read_up_to(&mut conn, &mut magic)?;
+        if got == 4 && u32::from_be_bytes(magic) == MULTIFD_MAGIC {
+            return Err(IncomingError::Multifd {
+                why: "a multifd stream needs a socket transport (tcp: or unix:), \
+                      its page channels are separate connections"
+                    .into(),
+            });
+        }
+        Ok(First::Single(Box::new(
+            io::Cursor::new(magic[..got].to_vec()).chain(conn),
+        )))
+    }
+
+    /// Load a gathered multifd migration into `target` and verify it.
+    fn receive_multifd<T: RamTarget + Send>(
+        &self,
+        g: multifd::Gathered,
+        limits: Limits,
+        target: T,
+    ) -> Result<Received<T>, IncomingError> {
+        let channels = g.hello.channels;
+        // The hellos were read while gathering: count them with the rest.
+        let hellos = (HELLO_LEN * (usize::from(channels) + 1)) as u64;
+        self.bytes.store(hellos, Ordering::Relaxed);
+        let start = Instant::now();
+        let me = self.clone();
+        let r = multifd::load(
+            g,
+            limits,
+            target,
+            &self.bytes,
+            Box::new(move || me.set(MigrationStatus::Active)),
+        )
+        .and_then(|m| {
+            let mut stats = m.loaded.stats;
+            stats.add_pages(&m.page_stats);
+            let mut rec = self.verify(
+                m.target,
+                stats,
+                m.loaded.device_states,
+                m.loaded.foreign_device_state,
+                m.loaded.vm_description,
+                start,
+            )?;
+            rec.multifd_channels = channels;
+            rec.refused_connections = m.refused;
+            Ok(rec)
+        });
+        match &r {
+            Ok(_) => self.set(MigrationStatus::Completed),
+            Err(e) => self.fail(e.to_string()),
+        }
+        r
     }
 
     fn fail(&self, e: String) {
@@ -282,11 +400,31 @@ impl Destination {
                 offset: e.offset(),
                 source: e,
             })?;
-        let desc: Option<serde_json::Value> = loaded
-            .vm_description
+        self.verify(
+            loaded.image,
+            loaded.stats,
+            loaded.device_states,
+            loaded.foreign_device_state,
+            loaded.vm_description,
+            start,
+        )
+    }
+
+    /// Check the RAM `image` against the digest in `vm_description` (unless verification
+    /// is off) and build the result.
+    fn verify<T: RamTarget>(
+        &self,
+        image: T,
+        stats: LoadStats,
+        device_states: Vec<OwnedDeviceState>,
+        foreign_device_state: Option<ForeignDeviceState>,
+        vm_description: Option<Vec<u8>>,
+        start: Instant,
+    ) -> Result<Received<T>, IncomingError> {
+        let desc: Option<serde_json::Value> = vm_description
             .as_deref()
             .and_then(|d| serde_json::from_slice(d).ok());
-        let actual = image_digest(&loaded.image);
+        let actual = image_digest(&image);
         if self.verify {
             let expected = desc
                 .as_ref()
@@ -299,17 +437,47 @@ impl Destination {
         }
         let desc = desc.unwrap_or(serde_json::Value::Null);
         Ok(Received {
-            image: loaded.image,
-            stats: loaded.stats,
-            device_states: loaded.device_states,
-            foreign_device_state: loaded.foreign_device_state,
+            image,
+            stats,
+            device_states,
+            foreign_device_state,
             vm_description: desc,
             digest: actual,
             verified: self.verify,
             bytes: self.bytes_received(),
             total_time_ms: start.elapsed().as_millis() as u64,
+            multifd_channels: 0,
+            refused_connections: Vec::new(),
         })
     }
+}
+
+/// The first connection of an incoming migration.
+enum First {
+    Single(Box<dyn Read + Send>),
+    Multifd(multifd::Gathered),
+}
+
+/// Reads up to `buf.len()` bytes (fewer only at the end of the stream).
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, IncomingError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(IncomingError::Stream {
+                    offset: got as u64,
+                    source: precopy_stream::Error::Io {
+                        offset: got as u64,
+                        source,
+                    },
+                });
+            }
+        }
+    }
+    Ok(got)
 }
 
 fn set_status(s: &mut State, to: MigrationStatus) {

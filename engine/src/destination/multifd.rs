@@ -1,0 +1,727 @@
+//! The multifd destination: accept the main channel and the page channels in any order,
+//! then load them in parallel with the sync points of [`precopy_stream::multifd`].
+//!
+//! # Accepting
+//!
+//! An acceptor thread owns the listener for the whole migration. Each connection must
+//! send its hello within [`HELLO_TIMEOUT`]. The main channel's hello names the migration
+//! (id and number of page channels); page channels that came before it wait for it. A
+//! connection that does not fit — no hello, a bad one, another migration's id, another
+//! channel count, a channel index already taken — is refused ([`ChannelRefused`]) and
+//! closed, and the migration goes on; after every channel arrived, any further connection
+//! is refused the same way until the migration ends.
+//!
+//! # Loading
+//!
+//! The main channel is read on the calling thread with the [`Loader`]; at its MEM_SIZE the
+//! RAM is set up and one thread per page channel starts, each decoding its records
+//! ([`Decoder::multifd_channel`]) and applying them ([`PageApplier`]) under a lock on the
+//! RAM target (one page at a time). Sync point `k` is a barrier between all of them: a
+//! page channel that reads it waits until the main channel read its own `k` and every
+//! page channel read theirs; the main channel waits likewise. So no page sent after sync
+//! `k` lands before a page sent before it. The migration completes when the main channel
+//! reached the end of its stream and every page channel its EOS and the end of its
+//! connection. Any error on any connection shuts every other down, so no thread stays
+//! blocked, and fails the migration naming the channel and the offset (counted from the
+//! first byte after the hello).
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
+use std::thread;
+use std::time::Duration;
+
+use precopy_stream::multifd::{HELLO_LEN, Hello, HelloError};
+use precopy_stream::{
+    Control, Decoder, Item, Limits, LoadStats, Loader, PageApplier, RamBlockInfo, RamRecord,
+    RamTarget, StreamReader, TargetError,
+};
+use xbzrle::Page;
+
+use super::{Counting, IncomingError};
+use crate::transport::{AbortHandle, Incoming, IncomingListener};
+
+/// How long a connection may take to send its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the destination waits, after the first hello, for every channel of the
+/// migration to connect.
+pub const GATHER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a connection to a multifd destination was refused (the migration goes on).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChannelRefused {
+    /// The hello is malformed or not a multifd hello.
+    #[error("refused a connection: {0}")]
+    BadHello(#[from] HelloError),
+    /// No complete hello within [`HELLO_TIMEOUT`].
+    #[error("refused a connection: no multifd hello within {} s", HELLO_TIMEOUT.as_secs())]
+    NoHello,
+    /// The hello names another migration.
+    #[error("refused multifd channel {index}: it belongs to another migration")]
+    OtherMigration {
+        /// Its channel index.
+        index: u16,
+    },
+    /// The hello's channel count differs from the main channel's.
+    #[error("refused multifd channel {index}: it says {got} page channels, the migration has {expected}")]
+    ChannelCount {
+        /// Its channel index.
+        index: u16,
+        /// Its count.
+        got: u16,
+        /// The main channel's count.
+        expected: u16,
+    },
+    /// That channel of this migration is already connected (index 0: the main channel).
+    #[error("refused multifd channel {index}: it is already connected")]
+    Duplicate {
+        /// The channel index.
+        index: u16,
+    },
+}
+
+/// The connections of one multifd migration, in channel order.
+pub(super) struct Gathered {
+    pub(super) hello: Hello,
+    pub(super) main: Incoming,
+    pub(super) channels: Vec<Incoming>,
+    pub(super) acceptor: Acceptor,
+}
+
+/// The acceptor thread: refuses strays until stopped.
+pub(super) struct Acceptor {
+    stop: Arc<AtomicBool>,
+    refused: Arc<Mutex<Vec<ChannelRefused>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Acceptor {
+    /// Stop accepting; the connections refused so far.
+    pub(super) fn finish(mut self) -> Vec<ChannelRefused> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        lock(&self.refused).clone()
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads the rest of a hello whose first four bytes were `first4`.
+fn read_hello(conn: &mut Incoming, first4: [u8; 4]) -> Result<Hello, ChannelRefused> {
+    let mut b = [0u8; HELLO_LEN];
+    b[..4].copy_from_slice(&first4);
+    // Four bytes: a wrong magic is refused as such, a right one is "truncated" so far.
+    match Hello::parse(&first4) {
+        Err(HelloError::Truncated { .. }) | Ok(_) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut got = 4;
+    while got < HELLO_LEN {
+        match conn.read(&mut b[got..]) {
+            Ok(0) => return Err(HelloError::Truncated { got }.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(ChannelRefused::NoHello),
+        }
+    }
+    Ok(Hello::parse(&b)?)
+}
+
+/// Reads the first four bytes of a connection.
+fn read_magic(conn: &mut Incoming) -> Result<[u8; 4], ChannelRefused> {
+    let mut b = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match conn.read(&mut b[got..]) {
+            Ok(0) => return Err(HelloError::Truncated { got }.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(ChannelRefused::NoHello),
+        }
+    }
+    Ok(b)
+}
+
+/// Matches hellos to one migration.
+#[derive(Default)]
+struct Matcher {
+    main: Option<(Hello, Incoming)>,
+    /// Page channels by (migration id, index), before and after the main channel came.
+    pages: BTreeMap<([u8; 16], u16), Incoming>,
+}
+
+impl Matcher {
+    /// Takes a connection with its hello, or says why it is refused.
+    fn offer(&mut self, h: Hello, conn: Incoming) -> Result<(), ChannelRefused> {
+        if let Some((m, _)) = &self.main {
+            if h.migration_id != m.migration_id {
+                return Err(ChannelRefused::OtherMigration { index: h.index });
+            }
+            if h.channels != m.channels {
+                return Err(ChannelRefused::ChannelCount {
+                    index: h.index,
+                    got: h.channels,
+                    expected: m.channels,
+                });
+            }
+        }
+        if h.index == 0 {
+            if self.main.is_some() {
+                return Err(ChannelRefused::Duplicate { index: 0 });
+            }
+            self.main = Some((h, conn));
+            return Ok(());
+        }
+        let key = (h.migration_id, h.index);
+        if self.pages.contains_key(&key) {
+            return Err(ChannelRefused::Duplicate { index: h.index });
+        }
+        self.pages.insert(key, conn);
+        Ok(())
+    }
+
+    /// Once the main channel came: page channels of other migrations or counts, now
+    /// known to be strays.
+    fn strays(&mut self) -> Vec<ChannelRefused> {
+        let Some((m, _)) = &self.main else {
+            return Vec::new();
+        };
+        let (id, n) = (m.migration_id, m.channels);
+        let bad: Vec<_> = self
+            .pages
+            .keys()
+            .filter(|(i, idx)| *i != id || *idx > n)
+            .copied()
+            .collect();
+        bad.into_iter()
+            .map(|k| {
+                self.pages.remove(&k);
+                if k.0 != id {
+                    ChannelRefused::OtherMigration { index: k.1 }
+                } else {
+                    ChannelRefused::ChannelCount {
+                        index: k.1,
+                        got: k.1,
+                        expected: n,
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn complete(&mut self) -> Option<(Hello, Incoming, Vec<Incoming>)> {
+        let (m, _) = self.main.as_ref()?;
+        let (id, n) = (m.migration_id, m.channels);
+        if !(1..=n).all(|i| self.pages.contains_key(&(id, i))) {
+            return None;
+        }
+        let (h, main) = self.main.take()?;
+        let channels = (1..=n)
+            .map(|i| self.pages.remove(&(id, i)).expect("checked"))
+            .collect();
+        Some((h, main, channels))
+    }
+}
+
+/// Accepts the rest of a multifd migration whose first connection `first` began with
+/// `first4` (`PCMF`), on `listener` (a socket), which the acceptor thread keeps until the
+/// migration ends.
+///
+/// Errors: [`IncomingError::Multifd`] when the first connection's hello is bad or not
+/// every channel connected within [`GATHER_TIMEOUT`].
+pub(super) fn gather(
+    listener: IncomingListener,
+    mut first: Incoming,
+    first4: [u8; 4],
+) -> Result<Gathered, IncomingError> {
+    let _ = first.set_read_timeout(Some(HELLO_TIMEOUT));
+    let hello = read_hello(&mut first, first4).map_err(|e| IncomingError::Multifd {
+        why: e.to_string(),
+    })?;
+    let _ = first.set_read_timeout(None);
+    let mut m = Matcher::default();
+    m.offer(hello, first).expect("the first hello fits");
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    let thread = {
+        let (stop, refused) = (Arc::clone(&stop), Arc::clone(&refused));
+        thread::Builder::new()
+            .name("multifd-accept".into())
+            .spawn(move || accept_loop(listener, m, &stop, &refused, tx))
+            .map_err(|e| IncomingError::Multifd {
+                why: format!("cannot start the acceptor thread: {e}"),
+            })?
+    };
+    let acceptor = Acceptor {
+        stop,
+        refused,
+        thread: Some(thread),
+    };
+    match rx.recv_timeout(GATHER_TIMEOUT) {
+        Ok((hello, main, channels)) => Ok(Gathered {
+            hello,
+            main,
+            channels,
+            acceptor,
+        }),
+        Err(_) => Err(IncomingError::Multifd {
+            why: format!(
+                "not every multifd channel connected within {} s",
+                GATHER_TIMEOUT.as_secs()
+            ),
+        }),
+    }
+}
+
+type Complete = (Hello, Incoming, Vec<Incoming>);
+
+fn accept_loop(
+    listener: IncomingListener,
+    mut m: Matcher,
+    stop: &AtomicBool,
+    refused: &Mutex<Vec<ChannelRefused>>,
+    tx: mpsc::Sender<Complete>,
+) {
+    let refuse = |e: ChannelRefused| lock(refused).push(e);
+    let mut done = false;
+    if let Some(c) = m.complete() {
+        let _ = tx.send(c);
+        done = true;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let conn = match listener.accept_next(true) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(_) => {
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let mut conn = conn;
+        let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT));
+        let hello = read_magic(&mut conn).and_then(|b| read_hello(&mut conn, b));
+        let _ = conn.set_read_timeout(None);
+        let h = match hello {
+            Ok(h) => h,
+            Err(e) => {
+                refuse(e);
+                continue;
+            }
+        };
+        if done {
+            // Every channel is here: anything else is a stray.
+            refuse(ChannelRefused::Duplicate { index: h.index });
+            continue;
+        }
+        if let Err(e) = m.offer(h, conn) {
+            refuse(e);
+            continue;
+        }
+        for e in m.strays() {
+            refuse(e);
+        }
+        if let Some(c) = m.complete() {
+            let _ = tx.send(c);
+            done = true;
+        }
+    }
+    listener.close();
+}
+
+/// The RAM target seen by the main channel's [`Loader`] while page channels write it:
+/// MEM_SIZE goes through to the target under the lock; the main channel carries no page
+/// records, so it never needs a page.
+struct MainView<'a, T> {
+    ram: &'a Mutex<T>,
+    blocks: Vec<(String, u64)>,
+}
+
+impl<T: RamTarget> RamTarget for MainView<'_, T> {
+    fn set_blocks(&mut self, blocks: &[RamBlockInfo], max_bytes: u64) -> Result<(), TargetError> {
+        lock(self.ram).set_blocks(blocks, max_bytes)?;
+        self.blocks = blocks
+            .iter()
+            .map(|b| (b.name.clone(), b.used_length))
+            .collect();
+        Ok(())
+    }
+
+    fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn block_info(&self, block: usize) -> Option<(&str, u64)> {
+        self.blocks.get(block).map(|(n, l)| (n.as_str(), *l))
+    }
+
+    fn page_mut(&mut self, _block: usize, _offset: u64) -> Option<&mut Page> {
+        // Page records on the main channel are refused before they reach the loader.
+        None
+    }
+
+    fn block_parts(&self, _block: usize) -> Vec<&[u8]> {
+        // The digest is computed over the target itself once every channel ended.
+        Vec::new()
+    }
+}
+
+/// Sync-point state shared by the main channel and the page channels.
+struct Barrier {
+    m: Mutex<BarrierState>,
+    cv: Condvar,
+}
+
+struct BarrierState {
+    /// Per page channel: the last sync point it read.
+    reached: Vec<u64>,
+    /// Per page channel: it read its EOS (or stopped).
+    ended: Vec<bool>,
+    /// The last sync point every channel went past.
+    released: u64,
+    /// A connection failed: everyone stops.
+    failed: bool,
+}
+
+fn multifd_err(why: String) -> IncomingError {
+    IncomingError::Multifd { why }
+}
+
+/// What a thread that was stopped because another failed returns.
+fn stopped() -> IncomingError {
+    multifd_err("stopped: another channel failed".into())
+}
+
+impl Barrier {
+    fn new(n: usize) -> Barrier {
+        Barrier {
+            m: Mutex::new(BarrierState {
+                reached: vec![0; n],
+                ended: vec![false; n],
+                released: 0,
+                failed: false,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn fail(&self) {
+        lock(&self.m).failed = true;
+        self.cv.notify_all();
+    }
+
+    /// Page channel `i` (0-based) read sync point `seq`: wait until it is released.
+    fn channel_reached(&self, i: usize, seq: u64) -> Result<(), IncomingError> {
+        let mut st = lock(&self.m);
+        if seq != st.reached[i] + 1 {
+            return Err(multifd_err(format!(
+                "channel {}: sync point {seq} after sync point {}",
+                i + 1,
+                st.reached[i]
+            )));
+        }
+        st.reached[i] = seq;
+        self.cv.notify_all();
+        while st.released < seq && !st.failed {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.failed { Err(stopped()) } else { Ok(()) }
+    }
+
+    fn channel_ended(&self, i: usize) {
+        lock(&self.m).ended[i] = true;
+        self.cv.notify_all();
+    }
+
+    /// The main channel read sync point `seq`: wait until every page channel read it,
+    /// then release them.
+    fn main_reached(&self, seq: u64) -> Result<(), IncomingError> {
+        let mut st = lock(&self.m);
+        if seq != st.released + 1 {
+            return Err(multifd_err(format!(
+                "main channel: sync point {seq} after sync point {}",
+                st.released
+            )));
+        }
+        loop {
+            if st.failed {
+                return Err(stopped());
+            }
+            if let Some(i) = (0..st.reached.len()).find(|&i| st.ended[i] && st.reached[i] < seq) {
+                return Err(multifd_err(format!(
+                    "channel {} ended before sync point {seq}",
+                    i + 1
+                )));
+            }
+            if st.reached.iter().all(|&r| r >= seq) {
+                break;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.released = seq;
+        self.cv.notify_all();
+        Ok(())
+    }
+}
+
+/// What [`load`] returns: the main channel's load (its `image` is unit: the RAM is
+/// `target`), the RAM, the connections refused, and the page channels' record counts.
+pub(super) struct MultifdLoaded<T> {
+    pub(super) loaded: precopy_stream::Loaded<()>,
+    pub(super) target: T,
+    pub(super) refused: Vec<ChannelRefused>,
+    pub(super) page_stats: LoadStats,
+}
+
+/// Who failed first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Party {
+    Main,
+    Channel(usize),
+}
+
+fn stream_err(e: precopy_stream::Error) -> IncomingError {
+    IncomingError::Stream {
+        offset: e.offset(),
+        source: e,
+    }
+}
+
+/// Loads a gathered multifd migration into `target`. `bytes` counts every connection's
+/// bytes; `on_first` runs at the first byte.
+///
+/// Errors: [`IncomingError::Stream`] for the main channel, [`IncomingError::Channel`]
+/// for a page channel, [`IncomingError::Multifd`] for the sync rules; the first failure
+/// is reported (the others were caused by it: every connection is shut down then).
+pub(super) fn load<T: RamTarget + Send>(
+    g: Gathered,
+    limits: Limits,
+    target: T,
+    bytes: &Arc<AtomicU64>,
+    on_first: Box<dyn FnOnce() + Send>,
+) -> Result<MultifdLoaded<T>, IncomingError> {
+    let n = g.channels.len();
+    let ram = Mutex::new(target);
+    let barrier = Barrier::new(n);
+    let abort_all = AbortHandle::join(
+        std::iter::once(g.main.abort_handle()).chain(g.channels.iter().map(Incoming::abort_handle)),
+    );
+    let first: Mutex<Option<Party>> = Mutex::new(None);
+    let fail = |who: Party| {
+        lock(&first).get_or_insert(who);
+        barrier.fail();
+        abort_all.abort();
+    };
+    let mut channels: Vec<Option<Incoming>> = g.channels.into_iter().map(Some).collect();
+    let (main_result, channel_results) = thread::scope(|s| {
+        let mut handles = Vec::with_capacity(n);
+        let mut loader = Loader::with_target(
+            limits,
+            MainView {
+                ram: &ram,
+                blocks: Vec::new(),
+            },
+        );
+        let counting = Counting {
+            inner: g.main,
+            bytes: Arc::clone(bytes),
+            on_first: Some(on_first),
+        };
+        let mut reader = StreamReader::new(counting, limits);
+        let mut main_items = || -> Result<(), IncomingError> {
+            loop {
+                let step = reader
+                    .next_with(|off, item, len| -> Result<Control, IncomingError> {
+                        match item {
+                            Item::Ram(RamRecord::MultifdFlush { seq }) => {
+                                barrier.main_reached(*seq)?;
+                                Ok(Control::Continue)
+                            }
+                            Item::Ram(
+                                RamRecord::Zero { .. }
+                                | RamRecord::Page { .. }
+                                | RamRecord::Xbzrle { .. }
+                                | RamRecord::Compressed { .. },
+                            ) => Err(stream_err(precopy_stream::Error::Format {
+                                offset: off,
+                                kind: precopy_stream::FormatError::Multifd {
+                                    why: "page record on the main channel",
+                                },
+                            })),
+                            _ => {
+                                let c = loader.apply(off, item, len).map_err(stream_err)?;
+                                if let Item::Ram(RamRecord::MemSize { blocks, .. }) = item
+                                    && handles.is_empty()
+                                {
+                                    // The RAM is set up: the page channels may start.
+                                    for (i, slot) in channels.iter_mut().enumerate() {
+                                        let Some(conn) = slot.take() else { continue };
+                                        let (ram, barrier, fail) = (&ram, &barrier, &fail);
+                                        let blocks = blocks.clone();
+                                        let bytes = Arc::clone(bytes);
+                                        handles.push(s.spawn(move || {
+                                            let r = run_channel(
+                                                i, conn, blocks, limits, ram, barrier, bytes,
+                                            );
+                                            match &r {
+                                                Ok(_) => barrier.channel_ended(i),
+                                                Err(_) => fail(Party::Channel(i)),
+                                            }
+                                            r
+                                        }));
+                                    }
+                                }
+                                Ok(c)
+                            }
+                        }
+                    })
+                    .map_err(stream_err)?;
+                match step {
+                    None => return Ok(()),
+                    Some(r) => {
+                        if r? == Control::Stop {
+                            return Err(multifd_err(
+                                "a foreign device section on a multifd main channel".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+        };
+        let mut r = main_items();
+        if r.is_ok() && handles.is_empty() {
+            r = Err(multifd_err("the main channel ended without MEM_SIZE".into()));
+        }
+        if r.is_err() {
+            fail(Party::Main);
+        }
+        let results: Vec<_> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(multifd_err("a page channel's thread panicked".into())))
+            })
+            .collect();
+        let main = r.and_then(|()| loader.finish().map_err(stream_err)).map(|l| {
+            precopy_stream::Loaded {
+                image: (),
+                stats: l.stats,
+                stop: l.stop,
+                device_states: l.device_states,
+                vm_description: l.vm_description,
+                machine_type: l.machine_type,
+                file_version: l.file_version,
+                foreign_device_state: l.foreign_device_state,
+            }
+        });
+        (main, results)
+    });
+    let who = *lock(&first);
+    let mut channel_results = channel_results;
+    match who {
+        Some(Party::Channel(i)) => {
+            if let Some(Err(_)) = channel_results.get(i) {
+                let e = channel_results.swap_remove(i).err().expect("checked");
+                return Err(e);
+            }
+            main_result?;
+            return Err(stopped());
+        }
+        Some(Party::Main) => {
+            main_result?;
+            return Err(stopped());
+        }
+        None => {}
+    }
+    let loaded = main_result?;
+    let mut page_stats = LoadStats::default();
+    for r in channel_results {
+        page_stats.add_pages(&r?);
+    }
+    let refused = g.acceptor.finish();
+    let target = ram.into_inner().unwrap_or_else(|e| e.into_inner());
+    Ok(MultifdLoaded {
+        loaded,
+        target,
+        refused,
+        page_stats,
+    })
+}
+
+/// One page channel: decode and apply its records, meet the sync points, end at EOS and
+/// the end of the connection.
+fn run_channel<T: RamTarget>(
+    i: usize,
+    conn: Incoming,
+    blocks: Vec<RamBlockInfo>,
+    limits: Limits,
+    ram: &Mutex<T>,
+    barrier: &Barrier,
+    bytes: Arc<AtomicU64>,
+) -> Result<LoadStats, IncomingError> {
+    let channel = i as u16 + 1;
+    // Closed explicitly at the end: the abort handles hold the socket open otherwise, and
+    // the source waits for this end to close before it closes the main channel.
+    let close = conn.abort_handle();
+    let counting = Counting {
+        inner: conn,
+        bytes,
+        on_first: None,
+    };
+    let mut reader =
+        StreamReader::with_decoder(counting, Decoder::multifd_channel(limits, blocks));
+    let mut ap = PageApplier::new();
+    let mut stats = LoadStats::default();
+    let chan_err = |source: precopy_stream::Error| IncomingError::Channel {
+        channel,
+        offset: source.offset(),
+        source,
+    };
+    loop {
+        let step = reader
+            .next_with(|off, item, len| -> Result<(), IncomingError> {
+                match item {
+                    Item::Ram(RamRecord::MultifdFlush { seq }) => barrier.channel_reached(i, *seq),
+                    Item::Ram(RamRecord::Eos) => Ok(()),
+                    Item::Ram(rec) => {
+                        let mut g = lock(ram);
+                        ap.apply(&mut *g, off, rec, len, &mut stats)
+                            .map_err(chan_err)
+                    }
+                    _ => Err(chan_err(precopy_stream::Error::Format {
+                        offset: off,
+                        kind: precopy_stream::FormatError::Multifd {
+                            why: "not a page record on a page channel",
+                        },
+                    })),
+                }
+            })
+            .map_err(chan_err)?;
+        match step {
+            None => break,
+            Some(r) => r?,
+        }
+    }
+    stats.bytes = reader.decoder().position();
+    close.abort();
+    Ok(stats)
+}
+
