@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use precopy_engine::{
     Capabilities, ChannelRefused, Destination, IncomingError, IncomingListener, MigrateError,
-    MigrationStatus, Migrator, ParameterUpdate, SimGuest, SimWorkload,
+    MigrationStatus, Migrator, ParameterUpdate, SimGuest, SimWorkload, VcpuControl,
 };
 use precopy_stream::Limits;
 use precopy_stream::multifd::{HELLO_LEN, Hello};
@@ -80,4 +80,248 @@ fn every_workload_with_1_2_and_4_channels_lands_exactly() {
             }
         }
     }
+}
+
+/// A guest that rewrites page 5 (and a page on every other channel) at every sync with
+/// the sync number, for `passes` passes: the destination must end with the last value.
+#[test]
+fn a_page_dirtied_in_every_iteration_lands_with_its_last_content() {
+    use precopy_engine::Hooked;
+    for channels in [2u16, 4] {
+        let inner = sim(SimWorkload::Sparse, 4, 0, 77);
+        let hooked = Hooked::new(inner.clone()).on_sync(|g: &SimGuest, n| {
+            if n <= 12 {
+                for p in [5u64, 6, 7, 8, 9] {
+                    let mut page = [0u8; 4096];
+                    page[..8].copy_from_slice(&n.to_le_bytes());
+                    page[100] = p as u8;
+                    g.write_page(0, p, &page).unwrap();
+                }
+            }
+        });
+        let guest = Arc::new(hooked);
+        let m = Migrator::new(guest.clone());
+        m.set_capabilities(Capabilities {
+            xbzrle: true,
+            multifd: true,
+            ..Default::default()
+        })
+        .unwrap();
+        set(
+            &m,
+            ParameterUpdate {
+                multifd_channels: Some(channels),
+                max_bandwidth: Some(0),
+                // Never below the threshold while the hook dirties: 12 passes at least.
+                downtime_limit: Some(0),
+                ..Default::default()
+            },
+        );
+        let d = destination();
+        m.start(&d.uri).unwrap();
+        let info = m.wait().unwrap();
+        completed(&info);
+        let r = d.thread.join().unwrap().unwrap();
+        assert!(info.ram.as_ref().unwrap().dirty_sync_count >= 12, "{info:?}");
+        for p in [5u64, 6, 7, 8, 9] {
+            let data = &r.image.blocks()[0].data()[p as usize * 4096..][..4096];
+            let n = u64::from_le_bytes(data[..8].try_into().unwrap());
+            assert_eq!(n, 12, "page {p} with {channels} channels");
+        }
+        assert_same(&inner, &r);
+    }
+}
+
+/// Connect the channels ourselves, last page channel first and the main one last.
+#[test]
+fn channels_connecting_in_reverse_order_are_matched_up() {
+    let g = sim(SimWorkload::Mix, 4, 2000, 5);
+    let m = multifd_migrator(g.clone(), true, 3);
+    let d = destination();
+    let addr = d.uri.strip_prefix("tcp:").unwrap().to_owned();
+    let mut conns: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    conns.reverse();
+    // conns[0] connected last: it becomes the main channel.
+    let main = conns.remove(0);
+    conns.reverse();
+    // Page channel 1 connected second to last, channel 3 first.
+    m.start_multifd_to(main, conns).unwrap();
+    let info = m.wait().unwrap();
+    completed(&info);
+    let r = d.thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    assert_eq!(r.multifd_channels, 3);
+}
+
+fn hello(id: [u8; 16], index: u16, channels: u16) -> [u8; HELLO_LEN] {
+    Hello {
+        migration_id: id,
+        index,
+        channels,
+    }
+    .to_bytes()
+}
+
+#[test]
+fn strays_and_duplicates_are_refused_without_disturbing_the_migration() {
+    let g = sim(SimWorkload::HotSet, 4, 2000, 9);
+    let m = multifd_migrator(g.clone(), true, 2);
+    let d = destination();
+    let addr = d.uri.strip_prefix("tcp:").unwrap().to_owned();
+    // Before the migration: a page channel of another migration. It waits for its main
+    // channel, then is refused when the real main channel names another id.
+    let mut other = TcpStream::connect(&addr).unwrap();
+    other.write_all(&hello([9; 16], 1, 2)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // The migration connects its main channel first, which defines the migration.
+    m.start(&d.uri).unwrap();
+    // Strays while it runs: garbage, and a channel index that is taken.
+    let mut garbage = TcpStream::connect(&addr).unwrap();
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n____________").unwrap();
+    let mut dup = TcpStream::connect(&addr).unwrap();
+    dup.write_all(&hello([1; 16], 1, 2)).unwrap();
+    let info = m.wait().unwrap();
+    completed(&info);
+    let r = d.thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    let refused = &r.refused_connections;
+    assert!(
+        refused.contains(&ChannelRefused::OtherMigration { index: 1 }),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|e| matches!(e, ChannelRefused::BadHello(_))),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|e| matches!(e, ChannelRefused::Duplicate { index: 1 })
+                || matches!(e, ChannelRefused::OtherMigration { index: 1 })),
+        "{refused:?}"
+    );
+}
+
+/// A sink that fails once `limit` bytes went through: a page channel whose connection
+/// breaks mid-migration.
+struct Breaks {
+    inner: TcpStream,
+    left: usize,
+}
+
+impl Write for Breaks {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            let _ = self.inner.shutdown(std::net::Shutdown::Both);
+            return Err(std::io::ErrorKind::ConnectionReset.into());
+        }
+        let n = buf.len().min(self.left);
+        let n = self.inner.write(&buf[..n])?;
+        self.left -= n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl precopy_engine::MigrationSink for Breaks {}
+
+#[test]
+fn a_channel_dying_mid_migration_fails_it_cleanly_and_the_source_runs_on() {
+    let g = sim(SimWorkload::Mix, 8, 2000, 13);
+    let m = multifd_migrator(g.clone(), true, 3);
+    let d = destination();
+    let addr = d.uri.strip_prefix("tcp:").unwrap().to_owned();
+    let sinks: Vec<Breaks> = (0..4)
+        .map(|i| Breaks {
+            inner: TcpStream::connect(&addr).unwrap(),
+            // Channel 2 breaks after 1 MiB; the others never.
+            left: if i == 2 { 1 << 20 } else { usize::MAX },
+        })
+        .collect();
+    let mut sinks = sinks.into_iter();
+    let main = sinks.next().unwrap();
+    m.start_multifd_to(main, sinks.collect()).unwrap();
+    let info = m.wait().unwrap();
+    assert_eq!(info.status, MigrationStatus::Failed);
+    let e = info.error_desc.unwrap();
+    assert!(e.contains("multifd channel 2"), "{e}");
+    assert!(g.is_running(), "the source guest runs on");
+    let r = d.thread.join().unwrap();
+    assert!(r.is_err(), "the destination fails too");
+    assert_eq!(d.state.status(), MigrationStatus::Failed);
+    // A new migration of the same guest can start and complete.
+    let m2 = multifd_migrator(g.clone(), true, 2);
+    let (info, r) = migrate(&m2);
+    completed(&info);
+    assert_same(&g, &r.unwrap());
+}
+
+#[test]
+fn cancel_in_setup_and_while_active_leaves_the_source_running() {
+    for wait_active in [false, true] {
+        let g = sim(SimWorkload::Mix, 8, 5000, 17);
+        let m = multifd_migrator(g.clone(), true, 2);
+        set(
+            &m,
+            ParameterUpdate {
+                max_bandwidth: Some(4 << 20),
+                ..Default::default()
+            },
+        );
+        let d = destination();
+        m.start(&d.uri).unwrap();
+        if wait_active {
+            assert_eq!(
+                m.wait_for_status(MigrationStatus::Active, Duration::from_secs(10)),
+                MigrationStatus::Active
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        m.cancel();
+        let info = m.wait().unwrap();
+        assert_eq!(info.status, MigrationStatus::Cancelled, "{info:?}");
+        assert!(g.is_running());
+        assert!(d.thread.join().unwrap().is_err());
+    }
+}
+
+#[test]
+fn multifd_needs_a_socket_transport() {
+    let g = sim(SimWorkload::Sparse, 1, 0, 1);
+    let m = multifd_migrator(g, false, 2);
+    for uri in ["file:/tmp/precopy-multifd-x", "exec:cat >/dev/null", "fd:1"] {
+        let e = m.start(uri).unwrap_err();
+        assert!(matches!(e, MigrateError::Multifd { .. }), "{uri}: {e:?}");
+        assert!(e.to_string().contains("socket"), "{e}");
+        assert_eq!(m.status(), MigrationStatus::None);
+    }
+    assert!(matches!(
+        m.start_multifd_to(Vec::new(), Vec::<Vec<u8>>::new()),
+        Err(MigrateError::Multifd { .. })
+    ));
+}
+
+#[test]
+fn a_multifd_stream_in_a_file_is_refused_by_the_destination() {
+    let g = sim(SimWorkload::Sparse, 1, 0, 1);
+    let m = multifd_migrator(g, false, 1);
+    // Main channel into a file, the page channel into memory.
+    let path = std::env::temp_dir().join(format!("precopy-multifd-main-{}", std::process::id()));
+    let f = std::fs::File::create(&path).unwrap();
+    type Sink = Box<dyn precopy_engine::MigrationSink>;
+    let page: Sink = Box::new(Vec::<u8>::new());
+    m.start_multifd_to(Box::new(f) as Sink, vec![page]).unwrap();
+    completed(&m.wait().unwrap());
+    let l = IncomingListener::bind(&format!("file:{}", path.display())).unwrap();
+    let e = Destination::new()
+        .accept_and_receive(l, Limits::default())
+        .unwrap_err();
+    assert!(matches!(e, IncomingError::Multifd { .. }), "{e:?}");
+    assert!(e.to_string().contains("socket"), "{e}");
+    let _ = std::fs::remove_file(path);
 }

@@ -157,6 +157,11 @@ pub trait MigrationSink: Write + Send {
     }
 }
 
+impl MigrationSink for Box<dyn MigrationSink> {
+    fn close(&mut self) -> io::Result<()> {
+        (**self).close()
+    }
+}
 impl MigrationSink for Vec<u8> {}
 impl MigrationSink for io::Sink {}
 impl MigrationSink for std::net::TcpStream {}
