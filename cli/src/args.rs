@@ -154,7 +154,9 @@ pub(crate) struct IncomingArgs {
     /// (stream bytes read), `ram-total`, `zero-pages`, `normal-pages`, `xbzrle-pages` (page
     /// records received by kind), `digest` (BLAKE3 of the RAM), `verified` (true, false, or
     /// null with --verify off), `device-state` (QEMU's device sections kept as bytes, null
-    /// for our streams), `ram-files` (with --save-ram).
+    /// for our streams), `ram-files` (with --save-ram), `multifd-channels` (page channels
+    /// of a multifd source, 0 for one stream), `refused-connections` (why each stray or
+    /// duplicate connection to a multifd destination was refused).
     #[arg(long)]
     pub(crate) json: bool,
     /// Write each received RAM block to DIR as a raw file named after the block (e.g.

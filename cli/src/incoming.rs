@@ -160,6 +160,12 @@ fn completed_json<T: RamTarget>(r: &Received<T>) -> Value {
         "normal-pages": r.stats.page.count,
         "xbzrle-pages": r.stats.xbzrle.count,
         "digest": r.digest,
+        "multifd-channels": r.multifd_channels,
+        "refused-connections": r
+            .refused_connections
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -175,6 +181,15 @@ fn summary_lines<T: RamTarget>(r: &Received<T>) -> Vec<String> {
             r.stats.zero.count, r.stats.page.count, r.stats.xbzrle.count
         ),
     ];
+    if r.multifd_channels > 0 {
+        lines.push(format!(
+            "multifd: main channel and {} page channels",
+            r.multifd_channels
+        ));
+    }
+    for refused in &r.refused_connections {
+        lines.push(refused.to_string());
+    }
     if let Some(f) = &r.foreign_device_state {
         let names: Vec<_> = f.sections.iter().map(|s| s.name.as_str()).collect();
         lines.push(format!(

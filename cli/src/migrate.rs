@@ -48,6 +48,11 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
         return Err(e.to_string());
     }
     if args.mapped_ram.on() {
+        if args.multifd.on() {
+            return Err("--multifd on needs a socket transport (tcp: or unix:); \
+                        --mapped-ram on writes a file (its pages are written in parallel already)"
+                .into());
+        }
         return crate::mapped_ram::migrate(args);
     }
     args.guest.migrate(args)

@@ -29,11 +29,15 @@ pub(crate) fn print_summary(
 ) {
     let onoff = |b: bool| if b { "on" } else { "off" };
     println!(
-        "capabilities: xbzrle: {} auto-converge: {} x-parallel-encoding: {}",
+        "capabilities: xbzrle: {} auto-converge: {} x-parallel-encoding: {} multifd: {}",
         onoff(caps.xbzrle),
         onoff(caps.auto_converge),
-        onoff(caps.x_parallel_encoding)
+        onoff(caps.x_parallel_encoding),
+        onoff(caps.multifd)
     );
+    if caps.multifd {
+        println!("multifd-channels: {}", params.multifd_channels);
+    }
     println!("Migration status: {}", info.status);
     if let Some(e) = &info.error_desc {
         println!("error: {e}");
@@ -62,6 +66,9 @@ pub(crate) fn print_summary(
         println!("page size: {} kbytes", kib(r.page_size));
         println!("precopy ram: {} kbytes", kib(r.precopy_bytes));
         println!("downtime ram: {} kbytes", kib(r.downtime_bytes));
+        if caps.multifd {
+            println!("multifd: {} kbytes", kib(r.multifd_bytes));
+        }
     }
     if let Some(x) = &info.xbzrle_cache {
         println!("cache size: {} bytes", x.cache_size);

@@ -111,6 +111,10 @@ pub struct RamStats {
     pub precopy_bytes: u64,
     /// Bytes sent while the guest was stopped.
     pub downtime_bytes: u64,
+    /// Bytes sent on multifd page channels (QEMU's `multifd-bytes`; 0 without multifd),
+    /// included in `transferred`.
+    #[serde(default)]
+    pub multifd_bytes: u64,
 }
 
 /// XBZRLE cache statistics (QEMU `XBZRLECacheStats`).

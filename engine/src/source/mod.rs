@@ -338,6 +338,11 @@ impl Source<'_> {
             + self.closed_channel_bytes
     }
 
+    /// Bytes written on the page channels (open or closed).
+    fn multifd_bytes(&self) -> u64 {
+        self.pipeline.as_ref().map_or(0, Pipeline::channel_bytes) + self.closed_channel_bytes
+    }
+
     fn multifd(&self) -> bool {
         self.pipeline.as_ref().is_some_and(Pipeline::is_multifd)
     }

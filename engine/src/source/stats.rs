@@ -252,6 +252,7 @@ impl Source<'_> {
             } else {
                 0
             },
+            multifd_bytes: self.multifd_bytes(),
         };
         let p = self.pipeline.as_ref();
         let xbzrle_cache = self.settings.caps.xbzrle.then(|| XbzrleCacheStats {

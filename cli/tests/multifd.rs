@@ -1,0 +1,126 @@
+//! `precopy migrate --multifd on` as a user runs it: against `precopy incoming` over a unix
+//! socket (two processes; the destination follows the source and verifies the digest),
+//! into the in-process destination with 1 and 4 channels, and refused for a file.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::json;
+
+fn precopy() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_precopy"));
+    c.stdin(Stdio::null());
+    c
+}
+
+#[test]
+fn migrate_with_multifd_to_precopy_incoming_over_unix() {
+    let sock: PathBuf =
+        std::env::temp_dir().join(format!("precopy-multifd-{}.sock", std::process::id()));
+    let uri = format!("unix:{}", sock.display());
+    let dest = precopy()
+        .args(["incoming", &uri, "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let src = precopy()
+        .args([
+            "migrate",
+            "--mem",
+            "32M",
+            "--workload",
+            "mix",
+            "--multifd",
+            "on",
+            "--multifd-channels",
+            "3",
+            "--max-bandwidth",
+            "64M",
+            "--to",
+            &uri,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let dest = dest.wait_with_output().unwrap();
+    let s = json(&src);
+    let d = json(&dest);
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(d["status"], "completed", "{d}");
+    assert_eq!(d["verified"], true, "{d}");
+    assert_eq!(d["multifd-channels"], 3, "{d}");
+    assert_eq!(d["bytes"], s["ram"]["transferred"], "every byte sent was read");
+    assert!(s["ram"]["multifd-bytes"].as_u64().unwrap() > 16 << 20, "{s}");
+    assert!(src.status.success() && dest.status.success());
+}
+
+#[test]
+fn migrate_with_multifd_in_process_verifies_and_prints_the_channels() {
+    for channels in ["1", "4"] {
+        let out = precopy()
+            .args([
+                "migrate",
+                "--mem",
+                "32M",
+                "--workload",
+                "hotset",
+                "--multifd",
+                "on",
+                "--multifd-channels",
+                channels,
+                "--max-bandwidth",
+                "64M",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("multifd: on"), "{text}");
+        assert!(text.contains(&format!("multifd-channels: {channels}")), "{text}");
+        assert!(text.contains("verified: yes"), "{text}");
+    }
+}
+
+#[test]
+fn multifd_to_a_file_is_refused_before_anything_starts() {
+    let path = std::env::temp_dir().join(format!("precopy-multifd-{}.bin", std::process::id()));
+    let out = precopy()
+        .args([
+            "migrate",
+            "--mem",
+            "8M",
+            "--multifd",
+            "on",
+            "--to",
+            &format!("file:{}", path.display()),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["status"], "failed");
+    assert!(
+        v["error-desc"].as_str().unwrap().contains("socket"),
+        "{v}"
+    );
+    assert!(!out.status.success());
+    assert!(!path.exists(), "nothing was written");
+    let bad = precopy()
+        .args(["migrate", "--mem", "8M", "--multifd", "on", "--multifd-channels", "0"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stdout).contains("multifd-channels")
+            || String::from_utf8_lossy(&bad.stderr).contains("multifd-channels")
+    );
+}
