@@ -100,6 +100,22 @@ fn kvm_guest_migrates_over_tcp_and_resumes() {
     if !kvm_common::kvm_available("kvm_guest_migrates_over_tcp_and_resumes") {
         return;
     }
+    migrates_and_resumes(None);
+}
+
+/// The same with multifd: 2 page channels, XBZRLE on each, loaded straight into the new
+/// VM's memory by two channel threads.
+#[test]
+fn kvm_guest_migrates_over_two_multifd_channels_and_resumes() {
+    if !kvm_common::kvm_available("kvm_guest_migrates_over_two_multifd_channels_and_resumes") {
+        return;
+    }
+    migrates_and_resumes(Some(2));
+}
+
+/// Migrate a running 2-vCPU guest (with `multifd_channels` page channels when given),
+/// compare RAM at switchover, resume it on a new VM and let its self-check run.
+fn migrates_and_resumes(multifd_channels: Option<u16>) {
     let src = guest(64, 2, 20_000);
     std::thread::sleep(Duration::from_millis(300));
     let m = migrator(
@@ -109,10 +125,25 @@ fn kvm_guest_migrates_over_tcp_and_resumes() {
         ParameterUpdate {
             max_bandwidth: Some(256 << 20),
             downtime_limit: Some(300),
+            multifd_channels,
             ..Default::default()
         },
     );
+    if multifd_channels.is_some() {
+        m.set_capabilities(Capabilities {
+            xbzrle: true,
+            auto_converge: true,
+            multifd: true,
+            ..Default::default()
+        })
+        .unwrap();
+    }
     let (info, received) = migrate(&m);
+    if let Some(n) = multifd_channels {
+        let r = received.as_ref().expect("destination verified the stream");
+        assert_eq!(r.multifd_channels, n);
+        assert!(info.ram.as_ref().unwrap().multifd_bytes > 0);
+    }
     eprintln!("{}", serde_json::to_string(&info).unwrap());
     assert_eq!(
         info.status,
