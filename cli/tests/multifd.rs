@@ -58,8 +58,14 @@ fn migrate_with_multifd_to_precopy_incoming_over_unix() {
     assert_eq!(d["status"], "completed", "{d}");
     assert_eq!(d["verified"], true, "{d}");
     assert_eq!(d["multifd-channels"], 3, "{d}");
-    assert_eq!(d["bytes"], s["ram"]["transferred"], "every byte sent was read");
-    assert!(s["ram"]["multifd-bytes"].as_u64().unwrap() > 16 << 20, "{s}");
+    assert_eq!(
+        d["bytes"], s["ram"]["transferred"],
+        "every byte sent was read"
+    );
+    assert!(
+        s["ram"]["multifd-bytes"].as_u64().unwrap() > 16 << 20,
+        "{s}"
+    );
     assert!(src.status.success() && dest.status.success());
 }
 
@@ -85,7 +91,10 @@ fn migrate_with_multifd_in_process_verifies_and_prints_the_channels() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text}");
         assert!(text.contains("multifd: on"), "{text}");
-        assert!(text.contains(&format!("multifd-channels: {channels}")), "{text}");
+        assert!(
+            text.contains(&format!("multifd-channels: {channels}")),
+            "{text}"
+        );
         assert!(text.contains("verified: yes"), "{text}");
     }
 }
@@ -108,14 +117,19 @@ fn multifd_to_a_file_is_refused_before_anything_starts() {
         .unwrap();
     let v = json(&out);
     assert_eq!(v["status"], "failed");
-    assert!(
-        v["error-desc"].as_str().unwrap().contains("socket"),
-        "{v}"
-    );
+    assert!(v["error-desc"].as_str().unwrap().contains("socket"), "{v}");
     assert!(!out.status.success());
     assert!(!path.exists(), "nothing was written");
     let bad = precopy()
-        .args(["migrate", "--mem", "8M", "--multifd", "on", "--multifd-channels", "0"])
+        .args([
+            "migrate",
+            "--mem",
+            "8M",
+            "--multifd",
+            "on",
+            "--multifd-channels",
+            "0",
+        ])
         .output()
         .unwrap();
     assert!(!bad.status.success());

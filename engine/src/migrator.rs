@@ -45,7 +45,9 @@ pub enum MigrateError {
     NotStarted,
     /// The `multifd` capability with a transport that is not a socket (`file:`, `exec:`,
     /// `fd:`), or a multifd start with no page channel or more than 255.
-    #[error("multifd needs a socket transport (tcp:HOST:PORT or unix:PATH) and 1..=255 page channels: {why}")]
+    #[error(
+        "multifd needs a socket transport (tcp:HOST:PORT or unix:PATH) and 1..=255 page channels: {why}"
+    )]
     Multifd {
         /// What was given.
         why: String,

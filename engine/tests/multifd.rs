@@ -122,7 +122,10 @@ fn a_page_dirtied_in_every_iteration_lands_with_its_last_content() {
         let info = m.wait().unwrap();
         completed(&info);
         let r = d.thread.join().unwrap().unwrap();
-        assert!(info.ram.as_ref().unwrap().dirty_sync_count >= 12, "{info:?}");
+        assert!(
+            info.ram.as_ref().unwrap().dirty_sync_count >= 12,
+            "{info:?}"
+        );
         for p in [5u64, 6, 7, 8, 9] {
             let data = &r.image.blocks()[0].data()[p as usize * 4096..][..4096];
             let n = u64::from_le_bytes(data[..8].try_into().unwrap());
@@ -177,7 +180,9 @@ fn strays_and_duplicates_are_refused_without_disturbing_the_migration() {
     m.start(&d.uri).unwrap();
     // Strays while it runs: garbage, and a channel index that is taken.
     let mut garbage = TcpStream::connect(&addr).unwrap();
-    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n____________").unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.0\r\n\r\n____________")
+        .unwrap();
     let mut dup = TcpStream::connect(&addr).unwrap();
     dup.write_all(&hello([1; 16], 1, 2)).unwrap();
     let info = m.wait().unwrap();
@@ -314,7 +319,7 @@ fn a_multifd_stream_in_a_file_is_refused_by_the_destination() {
     let path = std::env::temp_dir().join(format!("precopy-multifd-main-{}", std::process::id()));
     let f = std::fs::File::create(&path).unwrap();
     type Sink = Box<dyn precopy_engine::MigrationSink>;
-    let page: Sink = Box::new(Vec::<u8>::new());
+    let page: Sink = Box::<Vec<u8>>::default();
     m.start_multifd_to(Box::new(f) as Sink, vec![page]).unwrap();
     completed(&m.wait().unwrap());
     let l = IncomingListener::bind(&format!("file:{}", path.display())).unwrap();

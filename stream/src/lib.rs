@@ -114,8 +114,7 @@ pub use format::RamBlockInfo;
 pub use image::{RamBlock, RamImage, RamTarget, TargetError};
 pub use io::{StreamReader, find_vm_description};
 pub use loader::{
-    Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, PageApplier, StopReason,
-    load,
+    Control, KindStats, LoadStats, Loaded, Loader, OwnedDeviceState, PageApplier, StopReason, load,
 };
 pub use ratelimit::{RATE_LIMIT_SLICE, RateLimiter};
 pub use writer::{DEFAULT_BUFFER_SIZE, StreamWriter};

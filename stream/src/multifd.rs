@@ -80,7 +80,9 @@ pub struct Hello {
 #[non_exhaustive]
 pub enum HelloError {
     /// The connection does not start with `PCMF` (nor, for a main channel, `QEVM`).
-    #[error("not a multifd connection: first four bytes {found:#010x} (expected 0x50434d46 \"PCMF\")")]
+    #[error(
+        "not a multifd connection: first four bytes {found:#010x} (expected 0x50434d46 \"PCMF\")"
+    )]
     BadMagic {
         /// The first four bytes, big-endian.
         found: u32,
@@ -92,7 +94,9 @@ pub enum HelloError {
         found: u32,
     },
     /// Channel count 0 or over [`MAX_CHANNELS`], or an index over the count.
-    #[error("bad multifd channel: index {index} of {channels} page channels (count 1..=255, index 0..=count)")]
+    #[error(
+        "bad multifd channel: index {index} of {channels} page channels (count 1..=255, index 0..=count)"
+    )]
     BadChannel {
         /// Index on the wire.
         index: u16,

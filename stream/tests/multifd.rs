@@ -3,8 +3,8 @@
 
 use precopy_stream::multifd::{HELLO_LEN, Hello};
 use precopy_stream::{
-    Decoder, Encoder, FormatError, Item, Limits, LoadStats, PageApplier, RamBlockInfo,
-    RamImage, RamRecord, RamTarget,
+    Decoder, Encoder, FormatError, Item, Limits, LoadStats, PageApplier, RamBlockInfo, RamImage,
+    RamRecord, RamTarget,
 };
 
 fn blocks() -> Vec<RamBlockInfo> {
@@ -45,11 +45,15 @@ fn channel_records_round_trip_onto_the_ram() {
     enc.zero_page(&mut out, 0, 0x4000).unwrap();
     enc.multifd_flush(&mut out, 1).unwrap();
     // One changed byte at 100 against the page sent above: XBZRLE onto it.
-    enc.xbzrle_page(&mut out, 0, 0x3000, &[100, 1, 0x77]).unwrap();
+    enc.xbzrle_page(&mut out, 0, 0x3000, &[100, 1, 0x77])
+        .unwrap();
     enc.page(&mut out, 1, 0x1000, &page).unwrap();
     enc.multifd_flush(&mut out, 2).unwrap();
     enc.multifd_channel_end(&mut out).unwrap();
-    assert!(enc.multifd_flush(&mut out, 3).is_err(), "nothing after the end");
+    assert!(
+        enc.multifd_flush(&mut out, 3).is_err(),
+        "nothing after the end"
+    );
 
     let mut image = RamImage::default();
     image.set_blocks(&blocks(), 1 << 30).unwrap();

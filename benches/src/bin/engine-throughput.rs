@@ -173,7 +173,12 @@ fn main() {
     let passes = arg("--passes", 6).max(3);
     if std::env::args().any(|a| a == "--xbzrle-only") {
         // For profiling: only the single-core XBZRLE-friendly run.
-        let r = run(Kind::XbzrleFriendly, arg("--mib", 48).max(1), passes, Mode::Single);
+        let r = run(
+            Kind::XbzrleFriendly,
+            arg("--mib", 48).max(1),
+            passes,
+            Mode::Single,
+        );
         println!("xbzrle-friendly: {:.2} GB/s", r.gbps);
         return;
     }

@@ -65,7 +65,9 @@ pub enum ChannelRefused {
         index: u16,
     },
     /// The hello's channel count differs from the main channel's.
-    #[error("refused multifd channel {index}: it says {got} page channels, the migration has {expected}")]
+    #[error(
+        "refused multifd channel {index}: it says {got} page channels, the migration has {expected}"
+    )]
     ChannelCount {
         /// Its channel index.
         index: u16,
@@ -250,9 +252,8 @@ pub(super) fn gather(
     first4: [u8; 4],
 ) -> Result<Gathered, IncomingError> {
     let _ = first.set_read_timeout(Some(HELLO_TIMEOUT));
-    let hello = read_hello(&mut first, first4).map_err(|e| IncomingError::Multifd {
-        why: e.to_string(),
-    })?;
+    let hello = read_hello(&mut first, first4)
+        .map_err(|e| IncomingError::Multifd { why: e.to_string() })?;
     let _ = first.set_read_timeout(None);
     let mut m = Matcher::default();
     m.offer(hello, first).expect("the first hello fits");
@@ -608,7 +609,9 @@ pub(super) fn load<T: RamTarget + Send>(
         };
         let mut r = main_items();
         if r.is_ok() && handles.is_empty() {
-            r = Err(multifd_err("the main channel ended without MEM_SIZE".into()));
+            r = Err(multifd_err(
+                "the main channel ended without MEM_SIZE".into(),
+            ));
         }
         if r.is_err() {
             fail(Party::Main);
@@ -620,8 +623,9 @@ pub(super) fn load<T: RamTarget + Send>(
                     .unwrap_or_else(|_| Err(multifd_err("a page channel's thread panicked".into())))
             })
             .collect();
-        let main = r.and_then(|()| loader.finish().map_err(stream_err)).map(|l| {
-            precopy_stream::Loaded {
+        let main = r
+            .and_then(|()| loader.finish().map_err(stream_err))
+            .map(|l| precopy_stream::Loaded {
                 image: (),
                 stats: l.stats,
                 stop: l.stop,
@@ -630,16 +634,16 @@ pub(super) fn load<T: RamTarget + Send>(
                 machine_type: l.machine_type,
                 file_version: l.file_version,
                 foreign_device_state: l.foreign_device_state,
-            }
-        });
+            });
         (main, results)
     });
     let who = *lock(&first);
     let mut channel_results = channel_results;
     match who {
         Some(Party::Channel(i)) => {
-            if let Some(Err(_)) = channel_results.get(i) {
-                let e = channel_results.swap_remove(i).err().expect("checked");
+            if i < channel_results.len()
+                && let Err(e) = channel_results.swap_remove(i)
+            {
                 return Err(e);
             }
             main_result?;
@@ -686,8 +690,7 @@ fn run_channel<T: RamTarget>(
         bytes,
         on_first: None,
     };
-    let mut reader =
-        StreamReader::with_decoder(counting, Decoder::multifd_channel(limits, blocks));
+    let mut reader = StreamReader::with_decoder(counting, Decoder::multifd_channel(limits, blocks));
     let mut ap = PageApplier::new();
     let mut stats = LoadStats::default();
     let chan_err = |source: precopy_stream::Error| IncomingError::Channel {
@@ -724,4 +727,3 @@ fn run_channel<T: RamTarget>(
     close.abort();
     Ok(stats)
 }
-

@@ -43,6 +43,29 @@
 //! * XBZRLE on and cache miss → PAGE record, and the page is inserted (not in the final pass);
 //! * otherwise → PAGE record.
 //!
+//! # multifd (capability `multifd`, parameter `multifd-channels`)
+//!
+//! The pages go on `multifd-channels` page connections beside the main one, in the layout
+//! of [`precopy_stream::multifd`]. The pipeline has one shard per page channel: page `p`
+//! (flat page index) is always shard and channel `1 + p mod N`, with its own XBZRLE cache
+//! of `xbzrle-cache-size / N` (resized in place with the rest), its own compressor and
+//! encoder state. A batch of dirty pages is split by shard and each shard copies,
+//! encodes and writes its records on its own rayon thread. The main channel carries the
+//! header, MEM_SIZE, the sync points, the device state, EOF and the VM description.
+//!
+//! **Ordering.** A page sent twice goes twice on the same connection, so its copies (and
+//! the XBZRLE deltas between them) arrive in order. On top of that, at the end of every
+//! pass (before the dirty-bitmap sync) and after the last page, the source writes sync
+//! point `k` on every page channel, then on the main channel, flushing each: the
+//! destination holds every channel at `k` until all reached it, so every page of pass `k`
+//! lands before any page of pass `k + 1`, and the main channel's END section is read only
+//! after every page. The source closes the page channels (each waits for the destination
+//! to close its end) before the main channel, so completed means everything was read.
+//!
+//! **Rate limit and stats.** The page channels' bytes are charged to the main writer's
+//! rate limiter, so `max-bandwidth` bounds the sum; `transferred`, `mbps` and the
+//! estimator count every connection; `multifd-bytes` counts the page channels'.
+//!
 //! # Failure and cancel
 //!
 //! A transport error, a guest error or a cancel ends the migration as failed or cancelled:
@@ -449,10 +472,14 @@ impl Source<'_> {
         let t = Instant::now();
         let pipeline = self.pipeline.as_mut().expect("set up");
         let parallel = pipeline.is_parallel();
-        let job = |base: &[u64], (block, page): (usize, u64)| Job {
-            block,
-            page,
-            addr: base[block] + page * PAGE,
+        let job = |base: &[u64], (block, page): (usize, u64)| {
+            let addr = base[block] + page * PAGE;
+            Job {
+                block,
+                page,
+                addr,
+                key: addr,
+            }
         };
         let step = Step {
             guest: self.guest,
@@ -571,9 +598,7 @@ impl Source<'_> {
             // The last sync point, then the end of every page channel: the destination
             // reads the END section only once every page has landed.
             self.multifd_sync()?;
-            self.pipeline()
-                .channels_end()
-                .map_err(SourceError::from)?;
+            self.pipeline().channels_end().map_err(SourceError::from)?;
         }
         self.w.end_ram_section()?;
         for (name, instance, version, payload) in self.guest.device_states()? {

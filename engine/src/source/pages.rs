@@ -44,6 +44,10 @@ pub(crate) struct Job {
     pub(crate) block: usize,
     pub(crate) page: u64,
     pub(crate) addr: u64,
+    /// The page's key in its shard's XBZRLE cache: `addr` with one shard; with `n`
+    /// shards the shard-local page number `(addr / 4096) / n`, times 4096, so a shard's
+    /// pages (every n-th) use all of its cache's slots, not one in n.
+    pub(crate) key: u64,
 }
 
 /// Outcome of one page.
@@ -362,7 +366,7 @@ impl Step<'_> {
             if let Some(cache) = x.cache.as_mut().filter(|_| use_cache)
                 && !self.last_stage
             {
-                let _ = cache.insert(job.addr, &ZERO_PAGE, self.generation);
+                let _ = cache.insert(job.key, &ZERO_PAGE, self.generation);
             }
             return Ok(Kind::Zero);
         }
@@ -370,11 +374,11 @@ impl Step<'_> {
         let Some(cache) = cache.as_mut().filter(|_| use_cache) else {
             return Ok(comp.finish(codec, slot, None, overflow));
         };
-        match cache.lookup(job.addr, self.generation) {
+        match cache.lookup(job.key, self.generation) {
             Some(cached) => Ok(comp.finish(codec, slot, Some(cached), overflow)),
             None => {
                 if !self.last_stage {
-                    let _ = cache.insert(job.addr, &slot.page, self.generation);
+                    let _ = cache.insert(job.key, &slot.page, self.generation);
                 }
                 Ok(comp.finish(codec, slot, None, overflow))
             }
@@ -389,10 +393,13 @@ fn emit(
     kind: Kind,
     slot: &Slot,
     job: Job,
+    timed: bool,
 ) -> Result<(), WriteError> {
     let offset = job.page * PAGE;
     let before = w.bytes_written();
-    let t = Instant::now();
+    // Timed only for `auto`'s link-rate measure: two clock reads per page cost ~4 % of
+    // the per-page time otherwise.
+    let t = timed.then(Instant::now);
     let method = match kind {
         Kind::Zero => {
             w.write_zero_page(job.block, offset)?;
@@ -423,7 +430,9 @@ fn emit(
         let s = &mut c.per_method[m.index()];
         s.0 += 1;
         s.1 += w.bytes_written() - before;
-        c.emit_ns += elapsed_ns(t);
+        if let Some(t) = t {
+            c.emit_ns += elapsed_ns(t);
+        }
     }
     c.handled += 1;
     Ok(())
@@ -576,6 +585,11 @@ impl Pipeline {
         self.shards.iter().map(|s| s.comp.cpu_ns[m.index()]).sum()
     }
 
+    /// Whether record writes are timed (`auto` measures the link by them).
+    fn link_timed(&self) -> bool {
+        self.shards[0].comp.selector.is_some()
+    }
+
     /// multifd: bytes written on the page channels so far (0 without multifd).
     pub(crate) fn channel_bytes(&self) -> u64 {
         self.shards
@@ -673,13 +687,14 @@ impl Pipeline {
         w: &mut Writer,
         c: &mut Counters,
     ) -> Result<(), SendError> {
+        let timed = self.link_timed();
         let sh = &mut self.shards[0];
         let slot = &mut sh.slots[0];
         let kind = step.process(&self.codec, &mut sh.xbzrle, &mut sh.comp, slot, job)?;
         match &mut sh.out {
-            Some(out) => emit(out, c, kind, slot, job)
+            Some(out) => emit(out, c, kind, slot, job, timed)
                 .map_err(|source| SendError::Channel { channel: 1, source }),
-            None => Ok(emit(w, c, kind, slot, job)?),
+            None => Ok(emit(w, c, kind, slot, job, timed)?),
         }
     }
 
@@ -696,9 +711,14 @@ impl Pipeline {
             s.jobs.clear();
         }
         for &job in jobs {
-            self.shards[((job.addr / PAGE) % n) as usize].jobs.push(job);
+            let p = job.addr / PAGE;
+            self.shards[(p % n) as usize].jobs.push(Job {
+                key: p / n * PAGE,
+                ..job
+            });
         }
         let codec = &self.codec;
+        let timed = self.link_timed();
         self.shards.par_iter_mut().enumerate().for_each(|(i, sh)| {
             while sh.slots.len() < sh.jobs.len() {
                 sh.slots.push(Slot::new());
@@ -711,7 +731,7 @@ impl Pipeline {
                     .map_err(SendError::from)
                     .and_then(|k| match &mut sh.out {
                         // multifd: the record goes out on this shard's channel, now.
-                        Some(out) => emit(out, &mut sh.c, k, slot, job)
+                        Some(out) => emit(out, &mut sh.c, k, slot, job, timed)
                             .map(|()| k)
                             .map_err(|source| SendError::Channel {
                                 channel: i + 1,
@@ -735,7 +755,7 @@ impl Pipeline {
             }
             if sh.out.is_none() {
                 for (j, &job) in sh.jobs.iter().enumerate() {
-                    emit(w, c, sh.kinds[j], &sh.slots[j], job)?;
+                    emit(w, c, sh.kinds[j], &sh.slots[j], job, timed)?;
                 }
             }
         }

@@ -46,7 +46,13 @@ pub(super) fn abort_tcp(s: &TcpStream) -> AbortHandle {
 
 /// An abort handle for a Unix connection (empty when the socket cannot be cloned).
 pub(super) fn abort_unix(s: &UnixStream) -> AbortHandle {
-    AbortHandle(s.try_clone().ok().map(AbortKind::Unix).into_iter().collect())
+    AbortHandle(
+        s.try_clone()
+            .ok()
+            .map(AbortKind::Unix)
+            .into_iter()
+            .collect(),
+    )
 }
 
 impl AbortHandle {
