@@ -40,7 +40,8 @@ step "seed checks (stable cargo test of fuzz/src/lib.rs)"
 cargo test --manifest-path fuzz/Cargo.toml
 
 # Every [[bin]] of fuzz/Cargo.toml: xbzrle_decode xbzrle_encode_diff
-# xbzrle_roundtrip zero_diff stream_records stream_load stream_compressed.
+# xbzrle_roundtrip zero_diff stream_records stream_load stream_compressed
+# stream_device_state mapped_ram_parse multifd_channel.
 targets=${FUZZ_TARGETS:-$(cargo +nightly fuzz list)}
 echo "targets: $(echo $targets)"
 
@@ -58,6 +59,7 @@ max_len() {
         stream_compressed) echo 9000 ;;
         stream_*) echo 65536 ;;
         mapped_ram_*) echo 65536 ;;
+        multifd_*) echo 65536 ;;
         *) echo 4096 ;;
     esac
 }

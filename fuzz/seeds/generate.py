@@ -277,6 +277,33 @@ def device_state_seeds(vdir):
     write("stream_device_state", "qemu-real-first-sections", b"\x00" + real + vmdesc(devs))
 
 
+def multifd_seeds():
+    """multifd_channel: a hello, then page-channel records (our layout, stream::multifd)."""
+    shutil.rmtree(os.path.join(HERE, "multifd_channel"), ignore_errors=True)
+    hello = struct.pack(">II", 0x50434D46, 1) + bytes(range(16)) + struct.pack(">HH", 1, 2)
+
+    def rec(flags, addr, name=None):
+        out = struct.pack(">Q", addr | flags)
+        if name is not None:
+            out += bytes([len(name)]) + name
+        return out
+
+    page = rec(0x08, 0x1000, b"pc.ram") + bytes(range(256)) * 16
+    zero = rec(0x02 | 0x20, 0x2000) + b"\x00"
+    xbz = rec(0x40 | 0x20, 0x1000) + b"\x01" + struct.pack(">H", 4) + b"\x64\x01\x77\x00"
+    vga = rec(0x08, 0x1000, b"vga") + b"\x5a" * PAGE
+    flush = lambda k: rec(0x200, k << 12)
+    eos = rec(0x10, 0)
+    body = page + zero + flush(1) + xbz + vga + flush(2) + eos
+    write("multifd_channel", "hand-channel", hello + body)
+    write("multifd_channel", "hand-trailing", hello + body + eos)
+    write("multifd_channel", "hand-cut", hello + body[:-5])
+    write("multifd_channel", "hand-mem-size", hello + rec(0x04, 0x8000) + b"\x06pc.ram" + struct.pack(">Q", 0x8000))
+    write("multifd_channel", "hand-outside", hello + rec(0x08, 0x9000, b"pc.ram") + b"\x00" * PAGE)
+    write("multifd_channel", "hand-main-hello", hello[:24] + struct.pack(">HH", 0, 2) + eos)
+    write("multifd_channel", "hand-qevm", b"QEVM\x00\x00\x00\x03")
+
+
 def main():
     records = list(read_vectors(vectors_dir()))
     assert len(records) == 9349, len(records)
@@ -333,6 +360,7 @@ def main():
 
     stream_seeds(vectors_dir())
     device_state_seeds(vectors_dir())
+    multifd_seeds()
 
     total = 0
     for dirpath, _, files in os.walk(HERE):

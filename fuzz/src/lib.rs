@@ -297,6 +297,35 @@ mod tests {
     }
 
     #[test]
+    fn multifd_channel_seed_is_a_complete_channel_with_two_sync_points() {
+        use precopy_stream::multifd::{HELLO_LEN, Hello};
+        use precopy_stream::{Decoder, Item, RamBlockInfo, RamRecord};
+        let data = seed("multifd_channel", "hand-channel");
+        let h = Hello::parse(&data).unwrap();
+        assert_eq!((h.index, h.channels), (1, 2));
+        let mut dec = Decoder::multifd_channel(
+            stream_limits(),
+            vec![
+                RamBlockInfo::new("pc.ram", 8 * 4096),
+                RamBlockInfo::new("vga", 2 * 4096),
+            ],
+        );
+        let mut rest = &data[HELLO_LEN..];
+        let (mut syncs, mut pages) = (Vec::new(), 0);
+        while let Some((item, n)) = dec.decode(rest).unwrap() {
+            match item {
+                Item::Ram(RamRecord::MultifdFlush { seq }) => syncs.push(seq),
+                Item::Ram(RamRecord::Eos) => {}
+                _ => pages += 1,
+            }
+            rest = &rest[n..];
+        }
+        assert!(dec.is_complete() && rest.is_empty());
+        assert_eq!(syncs, [1, 2]);
+        assert_eq!(pages, 4);
+    }
+
+    #[test]
     fn small_ram_stream_seed_loads_every_real_xbzrle_record() {
         let s = seed("stream_load", "qemu-small-ram-xbzrle");
         let l = load(&s[1..], stream_limits()).expect("seed loads");
