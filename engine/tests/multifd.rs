@@ -330,3 +330,48 @@ fn a_multifd_stream_in_a_file_is_refused_by_the_destination() {
     assert!(e.to_string().contains("socket"), "{e}");
     let _ = std::fs::remove_file(path);
 }
+
+/// `max-bandwidth` bounds the sum over all connections, and the cache resizes in place
+/// across the shards while the migration runs.
+#[test]
+fn the_rate_limit_holds_over_all_channels_and_the_cache_resizes_while_running() {
+    let g = sim(SimWorkload::HotSet, 16, 2000, 21);
+    let m = multifd_migrator(g.clone(), true, 4);
+    let limit = 16u64 << 20;
+    set(
+        &m,
+        ParameterUpdate {
+            max_bandwidth: Some(limit),
+            ..Default::default()
+        },
+    );
+    let d = destination();
+    m.start(&d.uri).unwrap();
+    assert_eq!(
+        m.wait_for_status(MigrationStatus::Active, Duration::from_secs(10)),
+        MigrationStatus::Active
+    );
+    set(
+        &m,
+        ParameterUpdate {
+            xbzrle_cache_size: Some(4 << 20),
+            ..Default::default()
+        },
+    );
+    let info = m.wait().unwrap();
+    completed(&info);
+    let r = d.thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    assert_eq!(info.xbzrle_cache.as_ref().unwrap().cache_size, 4 << 20);
+    let ram = info.ram.as_ref().unwrap();
+    // Everything but the final, unlimited stage went at most at the limit (plus one
+    // 100 ms slice of slack).
+    let active_ms = info.total_time.unwrap() - info.downtime.unwrap_or(0);
+    let allowed = limit as f64 * (active_ms as f64 / 1000.0 + 0.1);
+    assert!(
+        (ram.precopy_bytes as f64) <= allowed * 1.05,
+        "{} bytes before switchover in {active_ms} ms at {limit} B/s",
+        ram.precopy_bytes
+    );
+    assert!(ram.multifd_bytes > ram.transferred / 2);
+}

@@ -500,14 +500,25 @@ impl Source<'_> {
                 }
             }
             if parallel {
+                // A batch no larger than what is left of the rate-limit slice (at a page
+                // per 4 KiB, the most a page costs): the budget is checked between
+                // batches, and a whole batch over a small budget would overshoot the
+                // limit by up to a MiB per slice.
+                let cap = match self.w.rate_limiter().slice_budget() {
+                    Some(b) if !last_stage => {
+                        let left = b.saturating_sub(self.w.rate_limiter().slice_bytes());
+                        (left / PAGE + 1).min(PARALLEL_BATCH as u64) as usize
+                    }
+                    _ => PARALLEL_BATCH,
+                };
                 batch.clear();
-                while batch.len() < PARALLEL_BATCH {
+                while batch.len() < cap {
                     match self.bitmap.next_dirty() {
                         Some(p) => batch.push(job(&self.base, p)),
                         None => break,
                     }
                 }
-                let end = batch.len() < PARALLEL_BATCH;
+                let end = batch.len() < cap;
                 if !batch.is_empty() {
                     self.synced_clean = false;
                     pipeline
