@@ -143,13 +143,16 @@ impl Compression {
             } else {
                 UNLIMITED_GUESS
             };
-            Selector::new(
+            let mut s = Selector::new(
                 guess,
                 shards,
                 DEFAULT_PROBE_MIN,
                 DEFAULT_PROBE_MAX,
                 AUTO_CANDIDATES,
-            )
+            );
+            // One shard: the thread that encodes also writes.
+            s.set_serial(shards == 1);
+            s
         });
         let overhead = (selector.is_some() && shards == 1)
             .then(thread_cpu_ns)
