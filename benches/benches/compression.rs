@@ -14,7 +14,9 @@
 //! (encoding and sending overlap; the model `auto`'s selector uses). `auto` is replayed page by page through the real
 //! `precopy_compress::select::Selector` with the measured per-page costs as its
 //! measurements, paying what the engine pays: the XBZRLE delta on every page that has an
-//! old copy, plus every method on a probe. Goals, checked and printed: `auto` within 5 %
+//! old copy, plus every method on a probe, plus the page's `Hint` (sampled on pages
+//! without an old copy, its measured ns per page added). The row `1class` replays the
+//! selector without hints (every page in one class), for comparison. Goals, checked and printed: `auto` within 5 %
 //! of the best fixed method at every rate, better than every fixed method at one or
 //! more; and zstd per page at least as fast per input byte as the `zstd` command line at
 //! the same level with 4 KiB independent blocks (`zstd -b1 -B4096`), measured in the same
@@ -29,7 +31,7 @@ use std::time::Instant;
 use precopy_benches::corpus::Corpus;
 use precopy_benches::{PAGE_SIZE, Page, QemuPairs};
 use precopy_compress::select::{
-    AUTO_CANDIDATES, Choice, DEFAULT_PROBE_MAX, DEFAULT_PROBE_MIN, RECORD_OVERHEAD, Selector,
+    AUTO_CANDIDATES, Choice, DEFAULT_PROBE_MAX, DEFAULT_PROBE_MIN, Hint, RECORD_OVERHEAD, Selector,
 };
 use precopy_compress::{Levels, Method, PageCompressor, PageDecompressor};
 
@@ -123,15 +125,51 @@ fn measure(
     costs
 }
 
+/// Each page's [`Hint`] ([`Hint::Cached`] when it has an old copy, as the engine does)
+/// and what sampling a page costs (ns per page, the best of `reps` passes over the
+/// corpus's sampled pages).
+fn hints(n: &Named, reps: usize) -> (Vec<Hint>, f64) {
+    let sampled: Vec<&Page> = n
+        .pairs
+        .iter()
+        .filter(|p| p.0.is_none())
+        .map(|p| &*p.1)
+        .collect();
+    let ns = min_ns(reps.max(20), || {
+        for p in &sampled {
+            std::hint::black_box(Hint::of(std::hint::black_box(p)));
+        }
+    }) as f64
+        / sampled.len().max(1) as f64;
+    let hints = n
+        .pairs
+        .iter()
+        .map(|(old, new)| match old {
+            Some(_) => Hint::Cached,
+            None => Hint::of(new),
+        })
+        .collect();
+    (hints, ns)
+}
+
 fn model_ns(enc_ns: u64, wire: u64, gbit: f64, cores: usize) -> f64 {
     (enc_ns as f64 / cores as f64).max(wire as f64 * 8.0 / gbit)
 }
 
 /// `auto` replayed through the selector as the engine runs it: (encode ns spent, wire
-/// bytes) for the corpus. On a hit the engine makes the XBZRLE delta only when XBZRLE is
+/// bytes) for the corpus. Every page's [`Hint`] is computed first (its cost counted).
+/// With one core the selector is serial ([`Selector::set_serial`]), as the engine's
+/// sequential path (one encoding shard) sets it. On a hit the engine makes the XBZRLE delta only when XBZRLE is
 /// chosen or probed; else it compares and copies the page into the cache (charged as
 /// one page copy, `none`'s measured cost).
-fn replay_auto(costs: &[[Cost; 4]], has_old: &[bool], gbit: f64, cores: usize) -> (u64, u64) {
+fn replay_auto(
+    costs: &[[Cost; 4]],
+    has_old: &[bool],
+    hints: &[Hint],
+    hint_ns: f64,
+    gbit: f64,
+    cores: usize,
+) -> (u64, u64) {
     let bw = (gbit * 1e9 / 8.0) as u64;
     let mut s = Selector::new(
         bw,
@@ -140,9 +178,15 @@ fn replay_auto(costs: &[[Cost; 4]], has_old: &[bool], gbit: f64, cores: usize) -
         DEFAULT_PROBE_MAX,
         AUTO_CANDIDATES,
     );
+    // One core: the engine's sequential path, where the thread that encodes also writes.
+    s.set_serial(cores == 1);
     let (mut enc, mut wire) = (0u64, 0u64);
-    for (row, &hit) in costs.iter().zip(has_old) {
+    for ((row, &hit), &hint) in costs.iter().zip(has_old).zip(hints) {
         let (e0, w0) = (enc, wire);
+        s.set_hint(hint);
+        if hint != Hint::Cached && hint_ns > 0.0 {
+            enc += hint_ns as u64;
+        }
         replay_page(&mut s, row, hit, &mut enc, &mut wire);
         let payload = (wire - w0).saturating_sub(RECORD_OVERHEAD) as usize;
         s.account(enc - e0, payload.min(PAGE_SIZE));
@@ -280,6 +324,7 @@ fn main() {
         }
         let costs = measure(&mut c, &mut d, &n, reps);
         let has_old: Vec<bool> = n.pairs.iter().map(|p| p.0.is_some()).collect();
+        let (hints, hint_ns) = hints(&n, reps);
         println!(
             "\n== {} ({} pages, {} with an old copy; zstd level {}, zlib level {}) ==",
             n.name,
@@ -327,7 +372,7 @@ fn main() {
         let mut i = 0;
         for g in RATES_GBIT {
             for k in CORES {
-                let (enc, wire) = replay_auto(&costs, &has_old, g, k);
+                let (enc, wire) = replay_auto(&costs, &has_old, &hints, hint_ns, g, k);
                 let t = model_ns(enc, wire, g, k);
                 print!(" {:>9.3}", t / 1e6);
                 let best = fixed.iter().map(|f| f.1[i]).fold(f64::INFINITY, f64::min);
@@ -337,7 +382,46 @@ fn main() {
             }
         }
         println!();
+        // For comparison: the selector without hints (every page in one class).
+        let one_class = vec![Hint::default(); hints.len()];
+        print!("{:<7} {:>10} {:>9} {:>9}", "1class", "", "", "");
+        let mut i = 0;
+        let mut ratios1 = Vec::new();
+        for g in RATES_GBIT {
+            for k in CORES {
+                let (enc, wire) = replay_auto(&costs, &has_old, &one_class, 0.0, g, k);
+                let t = model_ns(enc, wire, g, k);
+                print!(" {:>9.3}", t / 1e6);
+                let best = fixed.iter().map(|f| f.1[i]).fold(f64::INFINITY, f64::min);
+                ratios1.push(format!("{:.3}", t / best));
+                i += 1;
+            }
+        }
+        println!("   (auto without hints: {})", ratios1.join(" "));
         let worst = ratios.iter().copied().fold(0.0, f64::max);
+        let mut classes = String::new();
+        for h in Hint::ALL {
+            let of: Vec<&[Cost; 4]> = costs
+                .iter()
+                .zip(&hints)
+                .filter(|(_, x)| **x == h)
+                .map(|(c, _)| c)
+                .collect();
+            let zstd = of
+                .iter()
+                .map(|r| r[Method::Zstd.index()].wire())
+                .sum::<u64>() as f64
+                / of.len().max(1) as f64;
+            classes += &format!(" {h:?} {} ({zstd:.0} B/pg zstd);", of.len());
+        }
+        println!(
+            "hint: {hint_ns:.0} ns/page (zstd {:.0} ns/page); pages per class:{classes}",
+            costs
+                .iter()
+                .map(|r| r[Method::Zstd.index()].enc_ns)
+                .sum::<u64>() as f64
+                / pages as f64,
+        );
         let within = worst <= 1.05;
         println!(
             "auto / best fixed: {} (worst {:.3}: {}; better than every fixed method somewhere: {})",

@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use precopy_compress::select::{
-    AUTO_CANDIDATES, Choice, DEFAULT_PROBE_MAX, DEFAULT_PROBE_MIN, Selector,
+    AUTO_CANDIDATES, Choice, DEFAULT_PROBE_MAX, DEFAULT_PROBE_MIN, Hint, Selector,
 };
 use precopy_compress::{CompressError, Levels, Method, PageCompressor};
 use precopy_pagecache::{CacheError, PageCache, Policy};
@@ -89,10 +89,50 @@ struct Compression {
     selector: Option<Selector>,
     /// ns spent encoding, per [`Method::index`].
     cpu_ns: [u64; 4],
+    /// `auto` on the sequential path: the thread's CPU time per page besides encoding.
+    overhead: Option<Overhead>,
+}
+
+/// Pages between two readings of the thread's CPU time for [`Overhead`].
+const OVERHEAD_WINDOW: u64 = 512;
+
+/// With one shard the thread that encodes also copies pages out of the guest and writes
+/// the records (blocking while the link or its rate limit is behind). Every
+/// [`OVERHEAD_WINDOW`] pages its CPU time besides encoding, per page, goes to the
+/// selector ([`Selector::set_overhead_ns`]): a thread that never waits is the bottleneck
+/// even when the time spent writing looks like link time.
+struct Overhead {
+    /// The thread's CPU ns at the start of the window.
+    thread_ns: u64,
+    /// ns spent encoding (and on hints) in the window.
+    encode_ns: u64,
+    /// Pages in the window.
+    pages: u64,
+    /// Smoothed overhead, ns per page (`None` before the first window).
+    per_page: Option<f64>,
 }
 
 fn elapsed_ns(t: Instant) -> u64 {
     t.elapsed().as_nanos() as u64
+}
+
+/// CPU ns the calling thread has run (`CLOCK_THREAD_CPUTIME_ID`); `None` where unknown.
+fn thread_cpu_ns() -> Option<u64> {
+    #[cfg(all(unix, not(miri)))]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec for the duration of the call;
+        // clock_gettime only writes it.
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        (r == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+    }
+    #[cfg(not(all(unix, not(miri))))]
+    {
+        None
+    }
 }
 
 impl Compression {
@@ -107,19 +147,32 @@ impl Compression {
             } else {
                 UNLIMITED_GUESS
             };
-            Selector::new(
+            let mut s = Selector::new(
                 guess,
                 shards,
                 DEFAULT_PROBE_MIN,
                 DEFAULT_PROBE_MAX,
                 AUTO_CANDIDATES,
-            )
+            );
+            // One shard: the thread that encodes also writes.
+            s.set_serial(shards == 1);
+            s
         });
+        let overhead = (selector.is_some() && shards == 1)
+            .then(thread_cpu_ns)
+            .flatten()
+            .map(|thread_ns| Overhead {
+                thread_ns,
+                encode_ns: 0,
+                pages: 0,
+                per_page: None,
+            });
         Ok(Compression {
             mode: params.page_compression,
             comp,
             selector,
             cpu_ns: [0; 4],
+            overhead,
         })
     }
 
@@ -199,7 +252,8 @@ impl Compression {
         r.map_err(|_| *overflow += 1)
     }
 
-    /// `auto`: the selector's choice (and, on a probe, one more method), the shorter
+    /// `auto`: the page's [`Hint`] class ([`Hint::Cached`] on a cache hit), then the
+    /// selector's choice in that class (and, on a probe, one more method), the shorter
     /// sent; the page's CPU and bytes are reported to the selector.
     fn auto(
         &mut self,
@@ -208,6 +262,14 @@ impl Compression {
         cached: Option<&mut Page>,
         overflow: &mut u64,
     ) -> Kind {
+        if let Some(s) = &mut self.selector {
+            // (The hint's ~50 ns are not timed: timing would cost as much. On the
+            // sequential path they count in the thread's overhead.)
+            s.set_hint(match cached {
+                Some(_) => Hint::Cached,
+                None => Hint::of(&slot.page),
+            });
+        }
         let before: u64 = self.cpu_ns.iter().sum();
         let kind = self.auto_choose(codec, slot, cached, overflow);
         let spent = self.cpu_ns.iter().sum::<u64>() - before;
@@ -219,7 +281,32 @@ impl Compression {
         if let Some(s) = &mut self.selector {
             s.account(spent, payload);
         }
+        self.measure_overhead(spent);
         kind
+    }
+
+    /// Counts one `auto` page that cost `spent` ns of encoding; at the end of a window
+    /// gives the selector the thread's CPU per page besides encoding (smoothed).
+    fn measure_overhead(&mut self, spent: u64) {
+        let (Some(o), Some(sel)) = (&mut self.overhead, &mut self.selector) else {
+            return;
+        };
+        o.encode_ns += spent;
+        o.pages += 1;
+        if o.pages < OVERHEAD_WINDOW {
+            return;
+        }
+        let Some(now) = thread_cpu_ns() else {
+            return;
+        };
+        let other =
+            now.saturating_sub(o.thread_ns).saturating_sub(o.encode_ns) as f64 / o.pages as f64;
+        let per_page = o.per_page.map_or(other, |p| p + (other - p) / 4.0);
+        o.per_page = Some(per_page);
+        sel.set_overhead_ns(per_page as u64);
+        o.thread_ns = now;
+        o.encode_ns = 0;
+        o.pages = 0;
     }
 
     fn auto_choose(
