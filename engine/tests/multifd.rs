@@ -375,3 +375,30 @@ fn the_rate_limit_holds_over_all_channels_and_the_cache_resizes_while_running() 
     );
     assert!(ram.multifd_bytes > ram.transferred / 2);
 }
+
+/// A destination that accepts every connection, reads a little and dies: the source
+/// fails, says which connection broke, and its guest runs on.
+#[test]
+fn a_dead_destination_fails_the_migration_and_the_source_runs_on() {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("tcp:{}", l.local_addr().unwrap());
+    let dead = std::thread::spawn(move || {
+        let mut conns: Vec<TcpStream> = (0..3).map(|_| l.accept().unwrap().0).collect();
+        let mut buf = [0u8; 4096];
+        for c in &mut conns {
+            let _ = c.read(&mut buf);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        drop(conns);
+    });
+    let g = sim(SimWorkload::Mix, 16, 2000, 31);
+    let m = multifd_migrator(g.clone(), true, 2);
+    m.start(&uri).unwrap();
+    let info = m.wait().unwrap();
+    dead.join().unwrap();
+    assert_eq!(info.status, MigrationStatus::Failed, "{info:?}");
+    let e = info.error_desc.unwrap();
+    assert!(e.contains("stream") || e.contains("multifd channel"), "{e}");
+    assert!(g.is_running());
+}
