@@ -212,3 +212,51 @@ fn one_step_pairs_near_the_ends_agree_with_reference() {
     }
     assert!(checked > 10_000, "{checked} deltas checked");
 }
+
+/// Long deltas: the decoder validates a delta before applying it and
+/// remembers the first 256 pairs, validating and applying the ones past
+/// them separately. Deltas of 2 to 2048 pairs whose literals total up to
+/// 4 KiB, cut at every pair boundary and every byte around it, and with a
+/// refusal planted in every pair, decode exactly as the reference (the
+/// page untouched on every refusal).
+#[test]
+#[cfg_attr(miri, ignore = "thousands of whole-page decodes; slow under Miri")]
+fn long_deltas_with_refusals_leave_the_page_untouched() {
+    let mut checked = 0;
+    for (z, n) in [
+        (1usize, 100usize),
+        (3, 31),
+        (1, 127),
+        (7, 200),
+        (2, 1000),
+        (1, 7),
+        (1, 1),
+    ] {
+        let mut delta = Vec::new();
+        let mut starts = Vec::new();
+        let mut d = 0;
+        while d + z + n <= PAGE_SIZE {
+            starts.push(delta.len());
+            push_pair(&mut delta, z, n);
+            d += z + n;
+        }
+        agrees(&delta);
+        for &s in &starts {
+            for cut in s.saturating_sub(2)..=(s + 3).min(delta.len()) {
+                agrees(&delta[..cut]);
+                checked += 1;
+            }
+            // a zero run of 0, a three-byte length, a literal past the
+            // page, planted in this pair
+            for (k, v) in [(0, 0x00u8), (0, 0x80), (1, 0x00), (1, 0xff)] {
+                if s + k < delta.len() {
+                    let mut m = delta.clone();
+                    m[s + k] = v;
+                    agrees(&m);
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 500, "{checked} deltas checked");
+}
