@@ -26,7 +26,9 @@ pub enum Backend {
     Scalar,
     /// x86_64 SSE2 (16-byte vectors); baseline on x86_64.
     Sse2,
-    /// x86_64 AVX2 (32-byte vectors).
+    /// x86_64 AVX2 (32-byte vectors), with BMI1, BMI2 and POPCNT (which
+    /// every AVX2 CPU has; a CPU reporting AVX2 without them gets
+    /// [`Backend::Sse2`]).
     Avx2,
     /// x86_64 AVX-512 with the BW extension (64-byte vectors, mask registers).
     Avx512Bw,
@@ -92,7 +94,7 @@ fn detect() -> u8 {
         if x86_has!("sse2") {
             set |= bit(Backend::Sse2);
         }
-        if x86_has!("avx2") {
+        if x86_has!("avx2", "bmi1", "bmi2", "popcnt") {
             set |= bit(Backend::Avx2);
         }
         if x86_has!("avx512f", "avx512bw") {
@@ -184,7 +186,8 @@ macro_rules! dispatch {
             Backend::Sse2 => unsafe { crate::arch::x86_64::sse2::$f($($arg),*) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a Codec holding Avx2 is only built by `with_backend`
-            // or `new` after `is_available()` saw the CPU report AVX2.
+            // or `new` after `is_available()` saw the CPU report AVX2, BMI1,
+            // BMI2 and POPCNT.
             Backend::Avx2 => unsafe { crate::arch::x86_64::avx2::$f($($arg),*) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a Codec holding Avx512Bw is only built after

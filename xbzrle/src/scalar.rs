@@ -73,7 +73,7 @@ pub(crate) fn all_zero(blocks: &[Block]) -> bool {
 
 /// [`crate::encode`] on the scalar backend.
 pub(crate) fn encode(old: &Page, new: &Page, out: &mut [u8]) -> Result<usize, EncodeError> {
-    encode_with(&mut ReadOnly::new(old, new), out, eq_mask)
+    encode_with(&mut ReadOnly::new(old, new), out, eq_mask, false)
 }
 
 /// [`crate::encode_and_update`] on the scalar backend.
@@ -82,7 +82,7 @@ pub(crate) fn encode_and_update(
     new: &Page,
     out: &mut [u8],
 ) -> Result<usize, EncodeError> {
-    encode_with(&mut Update::new(cached, new), out, eq_mask)
+    encode_with(&mut Update::new(cached, new), out, eq_mask, false)
 }
 
 /// [`crate::is_zero`] on the scalar backend.

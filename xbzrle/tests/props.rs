@@ -148,3 +148,56 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Short deltas of a few pairs with lengths around the one- and
+    /// two-byte forms (0, 1, 126..=130, ...), literals cut anywhere: the
+    /// decoder's one-step path for short pairs and its hand-over to the
+    /// exact rules at every position near the end of the input agree with
+    /// the reference.
+    #[test]
+    fn short_pair_sequences_decode_like_reference(
+        lead in prop_oneof![Just(None), (3700usize..=4094).prop_map(Some), (4070usize..=4094).prop_map(Some)],
+        pairs in prop::collection::vec((len_near_forms(), len_near_forms()), 1..6),
+        cut in any::<prop::sample::Index>(),
+        seed in any::<u64>(),
+    ) {
+        // `lead`: a first pair that brings the rest near the end of the page.
+        let mut delta = Vec::new();
+        for (z, n) in lead.map(|z| (z, 1)).into_iter().chain(pairs) {
+            for v in [z, n] {
+                if v < 0x80 {
+                    delta.push(v as u8);
+                } else {
+                    delta.extend([(v as u8 & 0x7f) | 0x80, (v >> 7) as u8]);
+                }
+            }
+            delta.extend((0..n).map(|k| k as u8 ^ 0x5a));
+        }
+        let base = noise_page(seed);
+        for d in [&delta[..], &delta[..cut.index(delta.len() + 1)]] {
+            let (mut a, mut b) = (base, base);
+            let ra = xbzrle::decode(d, &mut a);
+            let rb = xbzrle::reference::decode(d, &mut b);
+            prop_assert_eq!(ra, rb);
+            prop_assert!(a == b);
+            if ra.is_err() {
+                prop_assert!(a == base);
+            }
+        }
+    }
+}
+
+/// Run lengths near the edges of the format: 0, small, around 0x80 (one
+/// to two bytes), and large ones that pass the end of the page.
+fn len_near_forms() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        1 => Just(0usize),
+        4 => 1usize..=9,
+        2 => 120usize..=136,
+        1 => 1usize..=600,
+        1 => 4000usize..=4097,
+    ]
+}

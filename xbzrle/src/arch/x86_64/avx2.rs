@@ -1,4 +1,7 @@
-//! AVX2 kernels: two 32-byte compares per 64-byte block.
+//! AVX2 kernels: two 32-byte compares per 64-byte block. The encoders also
+//! enable BMI1, BMI2 and POPCNT (part of [`Backend::Avx2`](crate::Backend::Avx2)'s
+//! detection): the run walker counts transitions with `popcnt` and clears
+//! them with `blsr`.
 
 use core::arch::x86_64::{
     __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_or_si256,
@@ -57,19 +60,29 @@ fn all_zero(blocks: &[Block]) -> bool {
 }
 
 /// [`crate::encode`] on AVX2.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
 pub(crate) fn encode(old: &Page, new: &Page, out: &mut [u8]) -> Result<usize, EncodeError> {
-    encode_with(&mut ReadOnly::new(old, new), out, |a, b| eq_mask(a, b))
+    encode_with(
+        &mut ReadOnly::new(old, new),
+        out,
+        |a, b| eq_mask(a, b),
+        true,
+    )
 }
 
 /// [`crate::encode_and_update`] on AVX2.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
 pub(crate) fn encode_and_update(
     cached: &mut Page,
     new: &Page,
     out: &mut [u8],
 ) -> Result<usize, EncodeError> {
-    encode_with(&mut Update::new(cached, new), out, |a, b| eq_mask(a, b))
+    encode_with(
+        &mut Update::new(cached, new),
+        out,
+        |a, b| eq_mask(a, b),
+        true,
+    )
 }
 
 /// [`crate::is_zero`] on AVX2.

@@ -46,7 +46,12 @@ fn all_zero(blocks: &[Block]) -> bool {
 /// [`crate::encode`] on AVX-512BW.
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) fn encode(old: &Page, new: &Page, out: &mut [u8]) -> Result<usize, EncodeError> {
-    encode_with(&mut ReadOnly::new(old, new), out, |a, b| eq_mask(a, b))
+    encode_with(
+        &mut ReadOnly::new(old, new),
+        out,
+        |a, b| eq_mask(a, b),
+        false,
+    )
 }
 
 /// [`crate::encode_and_update`] on AVX-512BW.
@@ -56,7 +61,12 @@ pub(crate) fn encode_and_update(
     new: &Page,
     out: &mut [u8],
 ) -> Result<usize, EncodeError> {
-    encode_with(&mut Update::new(cached, new), out, |a, b| eq_mask(a, b))
+    encode_with(
+        &mut Update::new(cached, new),
+        out,
+        |a, b| eq_mask(a, b),
+        false,
+    )
 }
 
 /// [`crate::is_zero`] on AVX-512BW.

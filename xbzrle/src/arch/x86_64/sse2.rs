@@ -53,7 +53,12 @@ fn all_zero(blocks: &[Block]) -> bool {
 /// [`crate::encode`] on SSE2.
 #[target_feature(enable = "sse2")]
 pub(crate) fn encode(old: &Page, new: &Page, out: &mut [u8]) -> Result<usize, EncodeError> {
-    encode_with(&mut ReadOnly::new(old, new), out, |a, b| eq_mask(a, b))
+    encode_with(
+        &mut ReadOnly::new(old, new),
+        out,
+        |a, b| eq_mask(a, b),
+        false,
+    )
 }
 
 /// [`crate::encode_and_update`] on SSE2.
@@ -63,7 +68,12 @@ pub(crate) fn encode_and_update(
     new: &Page,
     out: &mut [u8],
 ) -> Result<usize, EncodeError> {
-    encode_with(&mut Update::new(cached, new), out, |a, b| eq_mask(a, b))
+    encode_with(
+        &mut Update::new(cached, new),
+        out,
+        |a, b| eq_mask(a, b),
+        false,
+    )
 }
 
 /// [`crate::is_zero`] on SSE2.
