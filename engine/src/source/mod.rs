@@ -102,8 +102,9 @@ use stats::{Counters, ESTIMATE_PERIOD, Estimator, Period};
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Longest time one PART section keeps sending before the loop looks around again.
 const MAX_ITERATION_TIME: Duration = Duration::from_millis(50);
-/// Pages per batch with parallel encoding.
-const PARALLEL_BATCH: usize = 256;
+/// Pages per shard per batch with parallel encoding or multifd: each batch wakes the
+/// shard threads once, so it must carry far more work than a wake-up costs.
+const BATCH_PER_SHARD: usize = 512;
 /// Machine type written in the configuration section.
 pub const MACHINE_TYPE: &str = "precopy-sim";
 
@@ -487,7 +488,8 @@ impl Source<'_> {
             use_cache: self.xbzrle_active,
             last_stage,
         };
-        let mut batch = Vec::with_capacity(PARALLEL_BATCH);
+        let batch_max = BATCH_PER_SHARD * pipeline.shards();
+        let mut batch = Vec::with_capacity(batch_max);
         let mut n = 0u32;
         loop {
             if !last_stage {
@@ -507,9 +509,9 @@ impl Source<'_> {
                 let cap = match self.w.rate_limiter().slice_budget() {
                     Some(b) if !last_stage => {
                         let left = b.saturating_sub(self.w.rate_limiter().slice_bytes());
-                        (left / PAGE + 1).min(PARALLEL_BATCH as u64) as usize
+                        (left / PAGE + 1).min(batch_max as u64) as usize
                     }
-                    _ => PARALLEL_BATCH,
+                    _ => batch_max,
                 };
                 batch.clear();
                 while batch.len() < cap {

@@ -33,6 +33,8 @@ const MAX_FRAME: usize = PAGE_SIZE - 4;
 const UNLIMITED_GUESS: u64 = 1_250_000_000;
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// Batches of fewer pages are processed on the calling thread, shard after shard.
+const SMALL_BATCH: usize = 64;
 
 /// The stream writer of a migration.
 pub(crate) type Writer = StreamWriter<Box<dyn MigrationSink>>;
@@ -421,6 +423,44 @@ struct Shard {
     c: Counters,
 }
 
+impl Shard {
+    /// Process this shard's jobs of a batch. multifd: each record goes out on the shard's
+    /// channel at once, so one slot serves every page (the page copy stays in L1);
+    /// otherwise each page keeps its slot until the caller writes the batch in order.
+    /// Stops at the first error (in `error`).
+    fn process_batch(&mut self, index: usize, step: &Step<'_>, codec: &Codec, timed: bool) {
+        let multifd = self.out.is_some();
+        let need = if multifd { 1 } else { self.jobs.len() };
+        while self.slots.len() < need {
+            self.slots.push(Slot::new());
+        }
+        self.kinds.clear();
+        for (j, &job) in self.jobs.iter().enumerate() {
+            let slot = &mut self.slots[if multifd { 0 } else { j }];
+            let r = step
+                .process(codec, &mut self.xbzrle, &mut self.comp, slot, job)
+                .map_err(SendError::from)
+                .and_then(|k| match &mut self.out {
+                    // multifd: the record goes out on this shard's channel, now.
+                    Some(out) => emit(out, &mut self.c, k, slot, job, timed)
+                        .map(|()| k)
+                        .map_err(|source| SendError::Channel {
+                            channel: index + 1,
+                            source,
+                        }),
+                    None => Ok(k),
+                });
+            match r {
+                Ok(k) => self.kinds.push(k),
+                Err(e) => {
+                    self.error = Some(e);
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// What every page of one send step shares.
 #[derive(Clone, Copy)]
 pub(crate) struct Step<'a> {
@@ -738,6 +778,11 @@ impl Pipeline {
         Ok(bytes)
     }
 
+    /// Number of shards (encoding threads or multifd page channels).
+    pub(crate) fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
     /// More than one shard: pages go in batches.
     pub(crate) fn is_parallel(&self) -> bool {
         self.shards.len() > 1
@@ -809,35 +854,28 @@ impl Pipeline {
         }
         let codec = &self.codec;
         let timed = self.link_timed();
-        self.shards.par_iter_mut().enumerate().for_each(|(i, sh)| {
-            while sh.slots.len() < sh.jobs.len() {
-                sh.slots.push(Slot::new());
+        if jobs.len() < SMALL_BATCH {
+            // A few pages (the end of a rate-limit slice): not worth waking threads.
+            for (i, sh) in self.shards.iter_mut().enumerate() {
+                sh.process_batch(i, step, codec, timed);
             }
-            sh.kinds.clear();
-            for (j, &job) in sh.jobs.iter().enumerate() {
-                let slot = &mut sh.slots[j];
-                let r = step
-                    .process(codec, &mut sh.xbzrle, &mut sh.comp, slot, job)
-                    .map_err(SendError::from)
-                    .and_then(|k| match &mut sh.out {
-                        // multifd: the record goes out on this shard's channel, now.
-                        Some(out) => emit(out, &mut sh.c, k, slot, job, timed)
-                            .map(|()| k)
-                            .map_err(|source| SendError::Channel {
-                                channel: i + 1,
-                                source,
-                            }),
-                        None => Ok(k),
-                    });
-                match r {
-                    Ok(k) => sh.kinds.push(k),
-                    Err(e) => {
-                        sh.error = Some(e);
-                        return;
-                    }
+        } else if self.shards.iter().any(|s| s.out.is_some()) {
+            // multifd: one thread per channel for the whole batch, shard 0 on this one
+            // (rayon's pool lets an idle worker sleep through a two-way split, and the
+            // other worker then runs both halves).
+            let (first, rest) = self.shards.split_at_mut(1);
+            std::thread::scope(|s| {
+                for (i, sh) in rest.iter_mut().enumerate() {
+                    s.spawn(move || sh.process_batch(i + 1, step, codec, timed));
                 }
-            }
-        });
+                first[0].process_batch(0, step, codec, timed);
+            });
+        } else {
+            self.shards
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(i, sh)| sh.process_batch(i, step, codec, timed));
+        }
         for sh in &mut self.shards {
             c.absorb(&mut sh.c);
             if let Some(e) = sh.error.take() {
