@@ -82,16 +82,18 @@ fn every_workload_with_1_2_and_4_channels_lands_exactly() {
     }
 }
 
-/// A guest that rewrites page 5 (and a page on every other channel) at every sync with
+/// A guest that rewrites page 5 and one page in each of the next four 64-page runs (so
+/// on every channel) at every sync with
 /// the sync number, for `passes` passes: the destination must end with the last value.
 #[test]
 fn a_page_dirtied_in_every_iteration_lands_with_its_last_content() {
+    const HOT: [u64; 5] = [5, 70, 135, 200, 265];
     use precopy_engine::Hooked;
     for channels in [2u16, 4] {
         let inner = sim(SimWorkload::Sparse, 4, 0, 77);
         let hooked = Hooked::new(inner.clone()).on_sync(|g: &SimGuest, n| {
             if n <= 12 {
-                for p in [5u64, 6, 7, 8, 9] {
+                for p in HOT {
                     let mut page = [0u8; 4096];
                     page[..8].copy_from_slice(&n.to_le_bytes());
                     page[100] = p as u8;
@@ -126,7 +128,7 @@ fn a_page_dirtied_in_every_iteration_lands_with_its_last_content() {
             info.ram.as_ref().unwrap().dirty_sync_count >= 12,
             "{info:?}"
         );
-        for p in [5u64, 6, 7, 8, 9] {
+        for p in HOT {
             let data = &r.image.blocks()[0].data()[p as usize * 4096..][..4096];
             let n = u64::from_le_bytes(data[..8].try_into().unwrap());
             assert_eq!(n, 12, "page {p} with {channels} channels");
@@ -401,4 +403,46 @@ fn a_dead_destination_fails_the_migration_and_the_source_runs_on() {
     let e = info.error_desc.unwrap();
     assert!(e.contains("stream") || e.contains("multifd channel"), "{e}");
     assert!(g.is_running());
+}
+
+/// A hand-made multifd source whose page channel 1 carries a page of channel 2: the
+/// destination refuses it, naming the channel, and fails.
+#[test]
+fn a_page_on_another_channel_than_its_own_is_refused() {
+    use precopy_stream::{Encoder, RamBlockInfo};
+    let blocks = [RamBlockInfo::new("pc.ram", 256 * 4096)];
+    let id = [5u8; 16];
+    let mut main = hello(id, 0, 2).to_vec();
+    let mut e = Encoder::new();
+    e.file_header(&mut main, "m").unwrap();
+    e.ram_setup(&mut main, &blocks).unwrap();
+    e.begin_ram_iteration(&mut main).unwrap();
+    e.multifd_flush(&mut main, 1).unwrap();
+    e.end_ram_section(&mut main).unwrap();
+    let mut ch1 = hello(id, 1, 2).to_vec();
+    let mut c1 = Encoder::page_records_only(&blocks);
+    // Page 64 starts the second run of 64 pages: channel 2's.
+    c1.page(&mut ch1, 0, 64 * 4096, &[7; 4096]).unwrap();
+    c1.multifd_flush(&mut ch1, 1).unwrap();
+    let mut ch2 = hello(id, 2, 2).to_vec();
+    let mut c2 = Encoder::page_records_only(&blocks);
+    c2.multifd_flush(&mut ch2, 1).unwrap();
+
+    let l = IncomingListener::bind("tcp:127.0.0.1:0").unwrap();
+    let addr = l.local_uri().strip_prefix("tcp:").unwrap().to_owned();
+    let d = std::thread::spawn(move || {
+        Destination::new()
+            .with_verify(false)
+            .accept_and_receive(l, Limits::default())
+    });
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    for (c, bytes) in conns.iter_mut().zip([&main, &ch1, &ch2]) {
+        c.write_all(bytes).unwrap();
+    }
+    let e = d.join().unwrap().unwrap_err();
+    assert!(
+        matches!(e, IncomingError::Channel { channel: 1, .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("another page channel"), "{e}");
 }

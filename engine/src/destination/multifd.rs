@@ -15,8 +15,9 @@
 //!
 //! The main channel is read on the calling thread with the [`Loader`]; at its MEM_SIZE the
 //! RAM is set up and one thread per page channel starts, each decoding its records
-//! ([`Decoder::multifd_channel`]) and applying them ([`PageApplier`]) under a lock on the
-//! RAM target (one page at a time). Sync point `k` is a barrier between all of them: a
+//! ([`Decoder::multifd_channel`]), checking that each page is one of the channel's own
+//! ([`channel_of_page`]), and applying them ([`PageApplier`]) under a lock on the RAM
+//! target (one page at a time). Sync point `k` is a barrier between all of them: a
 //! page channel that reads it waits until the main channel read its own `k` and every
 //! page channel read theirs; the main channel waits likewise. So no page sent after sync
 //! `k` lands before a page sent before it. The migration completes when the main channel
@@ -32,7 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use precopy_stream::multifd::{HELLO_LEN, Hello, HelloError};
+use precopy_stream::multifd::{HELLO_LEN, Hello, HelloError, channel_of_page};
 use precopy_stream::{
     Control, Decoder, Item, Limits, LoadStats, Loader, PageApplier, RamBlockInfo, RamRecord,
     RamTarget, StreamReader, TargetError,
@@ -577,10 +578,16 @@ pub(super) fn load<T: RamTarget + Send>(
                                         let Some(conn) = slot.take() else { continue };
                                         let (ram, barrier, fail) = (&ram, &barrier, &fail);
                                         let blocks = blocks.clone();
+                                        let n = n as u16;
                                         let bytes = Arc::clone(bytes);
                                         handles.push(s.spawn(move || {
                                             let r = run_channel(
-                                                i, conn, blocks, limits, ram, barrier, bytes,
+                                                (i, n),
+                                                conn,
+                                                blocks,
+                                                limits,
+                                                (ram, barrier),
+                                                bytes,
                                             );
                                             match &r {
                                                 Ok(_) => barrier.channel_ended(i),
@@ -670,18 +677,38 @@ pub(super) fn load<T: RamTarget + Send>(
     })
 }
 
+const PAGE: u64 = xbzrle::PAGE_SIZE as u64;
+
+/// Block index and byte offset of a page record (the decoder checked both).
+fn page_of(rec: &RamRecord<'_>) -> Option<(usize, u64)> {
+    match *rec {
+        RamRecord::Zero { block, offset, .. }
+        | RamRecord::Page { block, offset, .. }
+        | RamRecord::Xbzrle { block, offset, .. }
+        | RamRecord::Compressed { block, offset, .. }
+        | RamRecord::CompressedPage { block, offset, .. } => Some((block, offset)),
+        _ => None,
+    }
+}
+
 /// One page channel: decode and apply its records, meet the sync points, end at EOS and
 /// the end of the connection.
 fn run_channel<T: RamTarget>(
-    i: usize,
+    (i, n): (usize, u16),
     conn: Incoming,
     blocks: Vec<RamBlockInfo>,
     limits: Limits,
-    ram: &Mutex<T>,
-    barrier: &Barrier,
+    (ram, barrier): (&Mutex<T>, &Barrier),
     bytes: Arc<AtomicU64>,
 ) -> Result<LoadStats, IncomingError> {
     let channel = i as u16 + 1;
+    // Flat page index of each block's first page: a page must come on its own channel.
+    let mut first_page = Vec::with_capacity(blocks.len());
+    let mut total = 0u64;
+    for b in &blocks {
+        first_page.push(total);
+        total += b.used_length / PAGE;
+    }
     // Closed explicitly at the end: the abort handles hold the socket open otherwise, and
     // the source waits for this end to close before it closes the main channel.
     let close = conn.abort_handle();
@@ -705,6 +732,17 @@ fn run_channel<T: RamTarget>(
                     Item::Ram(RamRecord::MultifdFlush { seq }) => barrier.channel_reached(i, *seq),
                     Item::Ram(RamRecord::Eos) => Ok(()),
                     Item::Ram(rec) => {
+                        if let Some((block, offset)) = page_of(rec)
+                            && channel_of_page(first_page[block] + offset / PAGE, n) != channel
+                        {
+                            return Err(chan_err(precopy_stream::Error::Format {
+                                offset: off,
+                                kind: precopy_stream::FormatError::Multifd {
+                                    why: "a page on another page channel than its own \
+                                          (channel 1 + (page / 64) mod N)",
+                                },
+                            }));
+                        }
                         let mut g = lock(ram);
                         ap.apply(&mut *g, off, rec, len, &mut stats)
                             .map_err(chan_err)
