@@ -131,6 +131,10 @@ impl<G: GuestRam + ?Sized> GuestRam for Hooked<G> {
         self.inner.blocks()
     }
 
+    fn prefetch_page(&self, block: usize, page: u64) {
+        self.inner.prefetch_page(block, page);
+    }
+
     fn read_page(&self, block: usize, page: u64, out: &mut Page) -> Result<(), GuestError> {
         self.inner.read_page(block, page, out)?;
         if let Some(f) = &self.on_read {

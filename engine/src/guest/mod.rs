@@ -108,6 +108,14 @@ pub trait GuestRam: Send + Sync {
     /// Errors: [`GuestError::NoSuchBlock`], [`GuestError::PageOutOfRange`], or a VMM error.
     fn read_page(&self, block: usize, page: u64, out: &mut Page) -> Result<(), GuestError>;
 
+    /// A hint that [`read_page`](GuestRam::read_page) of this page comes next: start
+    /// bringing it into the CPU caches (the engine calls it one page ahead, so the copy-out
+    /// does not wait for memory). Never fails and has no visible effect; an out-of-range
+    /// page is ignored. Default: nothing.
+    fn prefetch_page(&self, block: usize, page: u64) {
+        let _ = (block, page);
+    }
+
     /// Device state to send after the final RAM pass, while the vCPUs are stopped: each
     /// entry is `(id string, instance id, version id, payload)` and becomes one of our
     /// device sections (the id string starts with `precopy/`, e.g. the KVM guest's

@@ -80,6 +80,16 @@ impl DirtyBitmap {
 
     /// Take the next dirty page `(block, page)` from the cursor on, clearing its bit, or
     /// `None` at the end of the pass (the cursor then restarts at the first block).
+    /// The page [`next_dirty`](Self::next_dirty) would return, without taking it (only
+    /// looks in the cursor's block; `None` past its end).
+    pub(crate) fn peek_dirty(&self) -> Option<(usize, u64)> {
+        let words = self.words.get(self.cursor_block)?;
+        let rest = words.get(self.cursor_word..)?;
+        let (i, w) = rest.iter().enumerate().take(64).find(|(_, w)| **w != 0)?;
+        let page = (self.cursor_word + i) as u64 * 64 + u64::from(w.trailing_zeros());
+        Some((self.cursor_block, page))
+    }
+
     pub(crate) fn next_dirty(&mut self) -> Option<(usize, u64)> {
         while self.cursor_block < self.words.len() {
             let words = &mut self.words[self.cursor_block];

@@ -535,6 +535,10 @@ impl Source<'_> {
             } else {
                 match self.bitmap.next_dirty() {
                     Some(p) => {
+                        // Bring the next page in while this one is encoded.
+                        if let Some(q) = self.bitmap.peek_dirty() {
+                            pipeline.prefetch(&step, &job(&self.base, q));
+                        }
                         self.synced_clean = false;
                         pipeline
                             .send_one(&step, job(&self.base, p), &mut self.w, &mut self.c)

@@ -355,24 +355,39 @@ impl GuestRam for SimGuest {
             .collect()
     }
 
+    fn prefetch_page(&self, block: usize, page: u64) {
+        if self.check(block, page).is_ok() {
+            let base = page as usize * WORDS_PER_PAGE;
+            prefetch_words(&self.inner.blocks[block].words[base..base + WORDS_PER_PAGE]);
+        }
+    }
+
     fn read_page(&self, block: usize, page: u64, out: &mut Page) -> Result<(), GuestError> {
         self.check(block, page)?;
         let base = page as usize * WORDS_PER_PAGE;
         let words = &self.inner.blocks[block].words[base..base + WORDS_PER_PAGE];
         // Ask for every cache line of the page up front so the word-by-word atomic copy
-        // below does not wait for one line at a time (prefetch is not an access: no race).
-        #[cfg(target_arch = "x86_64")]
-        for line in words.chunks_exact(8) {
-            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            // SAFETY: SSE is part of the x86_64 baseline, so the target feature is present;
-            // a prefetch never faults and does not access memory in the language's sense.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
-        }
+        // below does not wait for one line at a time (a no-op for lines already on their
+        // way after `prefetch_page`).
+        prefetch_words(words);
         for (o, w) in out.chunks_exact_mut(8).zip(words) {
             o.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
         }
         Ok(())
     }
+}
+
+/// Prefetch every cache line of `words` (one page) into L1.
+fn prefetch_words(words: &[AtomicU64]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in words.chunks_exact(8) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: SSE is part of the x86_64 baseline, so the target feature is present;
+        // a prefetch never faults and does not access memory in the language's sense.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = words;
 }
 
 impl DirtyLog for SimGuest {
