@@ -12,7 +12,9 @@ use precopy_stream::{Error, Limits, PAGE_SIZE};
 fuzz_target!(|data: &[u8]| {
     let f = SparseFile::from_input(data);
     match MappedRamFile::parse(&f, &Limits::default()) {
-        Err(Error::Format { offset, .. }) => assert!(offset <= f.len, "offset {offset} past {}", f.len),
+        Err(Error::Format { offset, .. }) => {
+            assert!(offset <= f.len, "offset {offset} past {}", f.len)
+        }
         Err(e) => panic!("non-format error from an in-memory file: {e}"),
         Ok(m) => {
             let mut prev_end = 0u64;
@@ -26,7 +28,8 @@ fuzz_target!(|data: &[u8]| {
                 // Read up to 16 present pages through the file.
                 let mut page = vec![0u8; PAGE_SIZE];
                 for p in (0..b.pages()).filter(|&p| b.is_present(p)).take(16) {
-                    f.read_exact_at(&mut page, b.page_file_offset(p)).expect("present page inside the file");
+                    f.read_exact_at(&mut page, b.page_file_offset(p))
+                        .expect("present page inside the file");
                 }
             }
             assert_eq!(prev_end, m.ram_end);

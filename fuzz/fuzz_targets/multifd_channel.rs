@@ -22,7 +22,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(Hello::parse(&h.to_bytes()), Ok(*h), "hello round trip");
         assert!(h.index <= h.channels && h.channels >= 1);
     }
-    if data.len() >= 4 && u32::from_be_bytes([data[0], data[1], data[2], data[3]]) != MULTIFD_MAGIC {
+    if data.len() >= 4 && u32::from_be_bytes([data[0], data[1], data[2], data[3]]) != MULTIFD_MAGIC
+    {
         assert!(hello.is_err(), "a wrong magic is refused");
     }
     let body = data.get(HELLO_LEN..).unwrap_or(&[]);

@@ -88,11 +88,15 @@ fuzz_target!(|data: &[u8]| {
             // Applied: the page is what the decompressor makes of the frame.
             let m = Method::from_wire_id(method).expect("unknown method applied");
             let mut want: Box<Page> = Box::new([FILL; PAGE_SIZE]);
-            d.decompress(m, frame, &mut want).expect("loader accepted a bad frame");
+            d.decompress(m, frame, &mut want)
+                .expect("loader accepted a bad frame");
             assert!(loader.image().page(0, 0x1000).unwrap()[..] == want[..]);
             return;
         }
     }
     let page = loader.image().page(0, 0x1000).unwrap();
-    assert!(page.iter().all(|&b| b == FILL), "refused record touched the page");
+    assert!(
+        page.iter().all(|&b| b == FILL),
+        "refused record touched the page"
+    );
 });

@@ -304,6 +304,33 @@ def multifd_seeds():
     write("multifd_channel", "hand-qevm", b"QEVM\x00\x00\x00\x03")
 
 
+def compressed_seeds():
+    """stream_compressed: [method u8][level u8] frame. zlib frames from Python's zlib,
+    zstd frames from the zstd command line (skipped when it is missing)."""
+    import subprocess
+    import zlib
+    shutil.rmtree(os.path.join(HERE, "stream_compressed"), ignore_errors=True)
+    pages = {
+        "text": (b"precopy migrates guest memory; " * 200)[:PAGE],
+        "mostly-zero": b"\x00" * 4000 + bytes(range(96)),
+        "pattern": bytes(pattern_page(7)),
+    }
+    for name, page in pages.items():
+        assert len(page) == PAGE, name
+        write("stream_compressed", "zlib-" + name, b"\x02\x01" + zlib.compress(page, 1))
+        try:
+            z = subprocess.run(["zstd", "-1", "-q", "-c", "--no-check"], input=page,
+                               capture_output=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        write("stream_compressed", "zstd-" + name, b"\x01\x01" + z)
+        write("stream_compressed", "zstd-" + name + "-cut", b"\x01\x01" + z[:-3])
+    # A frame that inflates past a page, and an unknown method byte.
+    big = zlib.compress(b"\x00" * (PAGE + 1), 1)
+    write("stream_compressed", "zlib-past-page", b"\x02\x01" + big)
+    write("stream_compressed", "unknown-method", b"\x07\x01" + zlib.compress(b"\x00" * PAGE))
+
+
 def main():
     records = list(read_vectors(vectors_dir()))
     assert len(records) == 9349, len(records)
@@ -361,6 +388,7 @@ def main():
     stream_seeds(vectors_dir())
     device_state_seeds(vectors_dir())
     multifd_seeds()
+    compressed_seeds()
 
     total = 0
     for dirpath, _, files in os.walk(HERE):

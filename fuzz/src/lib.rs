@@ -219,7 +219,6 @@ impl std::io::Read for ChunkedReader<'_> {
     }
 }
 
-
 /// A virtual file for the mapped-ram target: pieces of bytes at offsets,
 /// zeros between them, so a 64 KiB input can describe a file with 1 MiB-aligned
 /// page regions. Input: repeated `[be32 gap][be16 len][len bytes]`; each
@@ -294,6 +293,34 @@ mod tests {
     fn seed(target: &str, name: &str) -> Vec<u8> {
         let path = format!("{}/seeds/{target}/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn compressed_seeds_inflate_to_their_page_or_are_refused() {
+        use precopy_compress::{Method, PageDecompressor};
+        let mut d = PageDecompressor::new();
+        let text: Vec<u8> = b"precopy migrates guest memory; "
+            .iter()
+            .copied()
+            .cycle()
+            .take(4096)
+            .collect();
+        for (name, ok) in [
+            ("zstd-text", true),
+            ("zlib-text", true),
+            ("zstd-text-cut", false),
+            ("zlib-past-page", false),
+        ] {
+            let data = seed("stream_compressed", name);
+            let m = Method::from_wire_id(data[0]).unwrap();
+            let mut page = [0u8; 4096];
+            let r = d.decompress(m, &data[2..], &mut page);
+            assert_eq!(r.is_ok(), ok, "{name}: {r:?}");
+            if ok && name.ends_with("text") {
+                assert_eq!(page[..], text[..], "{name}");
+            }
+        }
+        assert!(Method::from_wire_id(seed("stream_compressed", "unknown-method")[0]).is_err());
     }
 
     #[test]
