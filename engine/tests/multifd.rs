@@ -42,16 +42,8 @@ fn multifd_migrator(g: Arc<SimGuest>, xbzrle: bool, channels: u16) -> Migrator {
 
 #[test]
 fn every_workload_with_1_2_and_4_channels_lands_exactly() {
-    let workloads = [
-        SimWorkload::Sparse,
-        SimWorkload::CacheLine,
-        SimWorkload::FullPage,
-        SimWorkload::Zeroing,
-        SimWorkload::HotSet,
-        SimWorkload::Mix,
-    ];
     let mut seed = 0;
-    for w in workloads {
+    for w in SimWorkload::ALL {
         for channels in [1u16, 2, 4] {
             for xbzrle in [false, true] {
                 seed += 1;

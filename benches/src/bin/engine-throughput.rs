@@ -150,7 +150,10 @@ fn run(kind: Kind, mib: u64, passes: u64, mode: Mode) -> Result1 {
     }
 }
 
-fn memcpy_gbps(mib: u64) -> f64 {
+/// Best of five copies of a `mib` MiB buffer in `chunk`-byte pieces, GB/s: the whole
+/// buffer at once (memcpy, which at this size may use non-temporal stores), or one 4 KiB
+/// page at a time, as the engine copies pages out.
+fn copy_gbps(mib: u64, chunk: usize) -> f64 {
     let n = (mib << 20) as usize;
     let src = vec![1u8; n];
     let mut dst = vec![0u8; n];
@@ -158,27 +161,7 @@ fn memcpy_gbps(mib: u64) -> f64 {
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();
-        dst.copy_from_slice(std::hint::black_box(&src));
-        std::hint::black_box(&mut dst);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    n as f64 / best / 1e9
-}
-
-/// The same buffers copied one 4 KiB page at a time, as the engine copies pages out
-/// (small copies: no non-temporal stores, which a whole-buffer memcpy of this size uses).
-fn page_copy_gbps(mib: u64) -> f64 {
-    let n = (mib << 20) as usize;
-    let src = vec![1u8; n];
-    let mut dst = vec![0u8; n];
-    dst.copy_from_slice(&src);
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        for (d, s) in dst
-            .chunks_exact_mut(PAGE_SIZE)
-            .zip(src.chunks_exact(PAGE_SIZE))
-        {
+        for (d, s) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
             d.copy_from_slice(std::hint::black_box(s));
         }
         std::hint::black_box(&mut dst);
@@ -218,12 +201,12 @@ fn main() {
         return;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let memcpy = memcpy_gbps(mib);
+    let memcpy = copy_gbps(mib, usize::MAX);
     println!(
         "engine throughput, {mib} MiB guest, best of passes 3..={passes}, xbzrle backend {:?}, {cores} threads",
         xbzrle::Codec::new().backend(),
     );
-    let page_copy = page_copy_gbps(mib);
+    let page_copy = copy_gbps(mib, PAGE_SIZE);
     println!(
         "memcpy ({mib} MiB buffers, one core): {memcpy:.2} GB/s whole buffer (the ratios below), \
          {page_copy:.2} GB/s page by page"
