@@ -13,7 +13,12 @@ use crate::params::{Capabilities, MigrationParameters, ParameterError, Parameter
 use crate::source::control::Shared;
 use crate::source::{self, Settings};
 use crate::transport::{AbortHandle, MigrationSink, MigrationUri, Outgoing, TransportError};
-use precopy_stream::multifd::MAX_CHANNELS;
+use precopy_stream::multifd::{Hello, MAX_CHANNELS};
+use std::io::Write as _;
+
+/// How long one write on a multifd connection may block before the migration fails
+/// (a destination that accepted one connection and never reads the others, as `nc -l`).
+pub const MULTIFD_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of the control API.
 #[derive(Debug, thiserror::Error)]
@@ -219,9 +224,28 @@ impl Migrator {
                 why: format!("{uri} is not a socket"),
             });
         }
+        // Each connection says its hello as soon as it is open: a destination reads the
+        // first one before it accepts the others, and only the listen backlog (128 on
+        // Linux) holds connections it has not accepted yet.
+        let id = source::new_migration_id();
         let mut conns = Vec::with_capacity(usize::from(channels) + 1);
-        for _ in 0..=channels {
-            match Outgoing::open(uri) {
+        for index in 0..=channels {
+            let hello = Hello {
+                migration_id: id,
+                index,
+                channels,
+            };
+            let opened = Outgoing::open(uri).and_then(|mut o| {
+                o.set_write_timeout(Some(MULTIFD_WRITE_TIMEOUT));
+                o.write_all(&hello.to_bytes())
+                    .map_err(|e| TransportError::Io {
+                        what: "send the multifd hello to",
+                        uri: uri.to_owned(),
+                        source: e,
+                    })?;
+                Ok(o)
+            });
+            match opened {
                 Ok(o) => conns.push(o),
                 Err(e) => return self.connect_failed(e),
             }
@@ -232,7 +256,7 @@ impl Migrator {
         let pages = conns
             .map(|c| Box::new(c) as Box<dyn MigrationSink>)
             .collect();
-        self.spawn(Box::new(main), pages, Some(abort))
+        self.spawn_with(Box::new(main), pages, Some(abort), Some(id))
     }
 
     /// Start a migration into any sink (a `Vec<u8>`, `io::sink()`, a socket you connected).
@@ -287,6 +311,17 @@ impl Migrator {
         channels: Vec<Box<dyn MigrationSink>>,
         abort: Option<AbortHandle>,
     ) -> Result<(), MigrateError> {
+        self.spawn_with(sink, channels, abort, None)
+    }
+
+    /// `hellos_sent`: the multifd hellos with this migration id were written already.
+    fn spawn_with(
+        &self,
+        sink: Box<dyn MigrationSink>,
+        channels: Vec<Box<dyn MigrationSink>>,
+        abort: Option<AbortHandle>,
+        hellos_sent: Option<[u8; 16]>,
+    ) -> Result<(), MigrateError> {
         let mut ctl = self.shared.lock();
         if ctl.status().is_active() {
             return Err(MigrateError::InProgress);
@@ -304,6 +339,7 @@ impl Migrator {
             caps: ctl.caps,
             pass_limit: ctl.pass_limit,
             channels,
+            hellos_sent,
         };
         let guest = Arc::clone(&self.guest);
         let shared = Arc::clone(&self.shared);

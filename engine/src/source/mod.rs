@@ -77,7 +77,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use precopy_stream::multifd::Hello;
+use precopy_stream::multifd::{HELLO_LEN, Hello};
 use precopy_stream::{Encoder, StreamWriter};
 use xbzrle::PAGE_SIZE;
 
@@ -116,6 +116,8 @@ pub(crate) struct Settings {
     pub(crate) pass_limit: Option<u64>,
     /// multifd page channels' sinks (empty: one stream).
     pub(crate) channels: Vec<Box<dyn MigrationSink>>,
+    /// multifd: the hellos, with this migration id, were written when connecting.
+    pub(crate) hellos_sent: Option<[u8; 16]>,
 }
 
 /// The migration thread's state.
@@ -154,8 +156,10 @@ struct Source<'a> {
     multifd_seq: u64,
     /// multifd: page-channel bytes already charged to the main writer's rate limiter.
     charged: u64,
-    /// multifd: page-channel bytes once the channels were closed.
-    closed_channel_bytes: u64,
+    /// multifd: hello bytes written when connecting (before the writers existed), all
+    /// connections, and the page channels' share of them.
+    hello_bytes: u64,
+    channel_hello_bytes: u64,
 }
 
 /// The migration thread: setup, iterate, complete; on failure or cancel, restore the source.
@@ -198,7 +202,8 @@ pub(crate) fn run(
         channel_sinks,
         multifd_seq: 0,
         charged: 0,
-        closed_channel_bytes: 0,
+        hello_bytes: 0,
+        channel_hello_bytes: 0,
     };
     let result = src.setup().and_then(|()| src.iterate());
     let (final_status, downtime, error) = match result {
@@ -246,7 +251,7 @@ fn charge(pipeline: &Pipeline, w: &mut Writer, charged: &mut u64) {
 
 /// A migration id for the multifd hellos: unique per process and start (BLAKE3 of the
 /// process id, the time and a counter).
-fn new_migration_id() -> [u8; 16] {
+pub(crate) fn new_migration_id() -> [u8; 16] {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = blake3::Hasher::new();
@@ -333,6 +338,17 @@ impl Source<'_> {
             return Ok(Vec::new());
         }
         let channels = sinks.len() as u16;
+        if self.settings.hellos_sent.is_some() {
+            // Counted with the bytes sent: the main channel's and each page channel's.
+            self.hello_bytes = HELLO_LEN as u64 * (u64::from(channels) + 1);
+            self.channel_hello_bytes = HELLO_LEN as u64 * u64::from(channels);
+            return Ok(sinks
+                .into_iter()
+                .map(|sink| {
+                    StreamWriter::with_encoder(sink, Encoder::page_records_only(&self.blocks))
+                })
+                .collect());
+        }
         let id = new_migration_id();
         let hello = |index| {
             Hello {
@@ -360,12 +376,12 @@ impl Source<'_> {
     fn bytes_total(&self) -> u64 {
         self.w.bytes_written()
             + self.pipeline.as_ref().map_or(0, Pipeline::channel_bytes)
-            + self.closed_channel_bytes
+            + self.hello_bytes
     }
 
     /// Bytes written on the page channels (open or closed).
     fn multifd_bytes(&self) -> u64 {
-        self.pipeline.as_ref().map_or(0, Pipeline::channel_bytes) + self.closed_channel_bytes
+        self.pipeline.as_ref().map_or(0, Pipeline::channel_bytes) + self.channel_hello_bytes
     }
 
     fn multifd(&self) -> bool {
@@ -634,7 +650,7 @@ impl Source<'_> {
         // Page channels first: the destination closes the main channel only once it has
         // read every channel to its end.
         if let Some(p) = self.pipeline.as_mut() {
-            self.closed_channel_bytes = p.close_channels()?;
+            p.close_channels()?;
         }
         // Hand the sink back (finish flushes) and close it; keep the byte count.
         let w = std::mem::replace(&mut self.w, StreamWriter::new(Box::new(io::sink())));

@@ -602,6 +602,12 @@ fn emit(
     Ok(())
 }
 
+/// One shard's XBZRLE cache budget: its share of `total`, at least one page (a cache
+/// that works with one stream must work split over `shards` too).
+fn shard_cache_size(total: u64, shards: u64) -> u64 {
+    (total / shards.max(1)).max(PAGE)
+}
+
 /// Why the pipeline could not be built.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PipelineError {
@@ -658,6 +664,8 @@ pub(crate) struct Pipeline {
     link_mark: (u64, u64),
     /// The link rate last given to the selectors, bytes/s (0 without `auto`).
     link_bandwidth: u64,
+    /// multifd: bytes of the page channels already closed.
+    closed_channel_bytes: u64,
 }
 
 impl Pipeline {
@@ -686,7 +694,7 @@ impl Pipeline {
         for _ in 0..n {
             let cache = if caps.xbzrle {
                 Some(PageCache::new(
-                    params.xbzrle_cache_size / n as u64,
+                    shard_cache_size(params.xbzrle_cache_size, n as u64),
                     Policy::default(),
                 )?)
             } else {
@@ -713,6 +721,7 @@ impl Pipeline {
             shards,
             link_mark: (0, 0),
             link_bandwidth,
+            closed_channel_bytes: 0,
         })
     }
 
@@ -754,13 +763,16 @@ impl Pipeline {
         self.shards[0].comp.selector.is_some()
     }
 
-    /// multifd: bytes written on the page channels so far (0 without multifd).
+    /// multifd: bytes written on the page channels so far, open or closed (0 without
+    /// multifd).
     pub(crate) fn channel_bytes(&self) -> u64 {
-        self.shards
-            .iter()
-            .filter_map(|s| s.out.as_ref())
-            .map(Writer::bytes_written)
-            .sum()
+        self.closed_channel_bytes
+            + self
+                .shards
+                .iter()
+                .filter_map(|s| s.out.as_ref())
+                .map(Writer::bytes_written)
+                .sum::<u64>()
     }
 
     /// multifd: true when the pages go on page channels.
@@ -795,12 +807,12 @@ impl Pipeline {
     }
 
     /// multifd: close every page channel ([`MigrationSink::close`]: a socket waits for the
-    /// destination to close its end). Returns the bytes they carried.
-    pub(crate) fn close_channels(&mut self) -> Result<u64, ChannelCloseError> {
-        let mut bytes = 0;
+    /// destination to close its end). Their bytes stay counted in
+    /// [`channel_bytes`](Self::channel_bytes), whether closing succeeds or not.
+    pub(crate) fn close_channels(&mut self) -> Result<(), ChannelCloseError> {
         for (i, sh) in self.shards.iter_mut().enumerate() {
             if let Some(out) = sh.out.take() {
-                bytes += out.bytes_written();
+                self.closed_channel_bytes += out.bytes_written();
                 let channel = i + 1;
                 let mut sink = out
                     .finish()
@@ -809,7 +821,7 @@ impl Pipeline {
                     .map_err(|e| ChannelCloseError::Close { channel, source: e })?;
             }
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// Number of shards (encoding threads or multifd page channels).
@@ -828,7 +840,7 @@ impl Pipeline {
         let n = self.shards.len() as u64;
         for s in &mut self.shards {
             if let Some(c) = &mut s.xbzrle.cache {
-                c.resize(bytes / n)?;
+                c.resize(shard_cache_size(bytes, n))?;
             }
         }
         Ok(())

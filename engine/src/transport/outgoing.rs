@@ -113,6 +113,20 @@ impl Outgoing {
         })
     }
 
+    /// Bound how long one write may block (`None`: forever); sockets only, a no-op for
+    /// files and commands. A write that times out fails with `WouldBlock`/`TimedOut`.
+    pub fn set_write_timeout(&self, t: Option<Duration>) {
+        match &self.kind {
+            OutKind::Tcp(s) => {
+                let _ = s.set_write_timeout(t);
+            }
+            OutKind::Unix(s) => {
+                let _ = s.set_write_timeout(t);
+            }
+            _ => {}
+        }
+    }
+
     /// The URI this transport was opened with.
     pub fn uri(&self) -> &str {
         &self.uri
