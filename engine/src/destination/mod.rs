@@ -263,24 +263,41 @@ impl Destination {
     }
 
     /// The first connection: a plain stream (its first four bytes put back in front), or
-    /// a multifd migration's first connection, with the others gathered.
+    /// a multifd migration's first connection, with the others gathered. On a socket, a
+    /// connection that sends fewer than four bytes within [`HELLO_TIMEOUT`] is a stray
+    /// (a real source, QEMU's or ours, writes at once): it is refused and the destination
+    /// waits on. One that closes before its fourth byte is read as a plain stream that is
+    /// cut (a source cancelled in setup), as before multifd.
     fn accept_first(&self, listener: IncomingListener) -> Result<First, IncomingError> {
-        let mut conn = match listener.accept_next(false) {
-            Ok(Some(c)) => c,
-            Ok(None) => unreachable!("a blocking accept returns a connection"),
-            // file:, exec:, fd: have their one stream ready.
-            Err(TransportError::BadUri { .. }) => return self.first_of_one(listener),
-            Err(e) => return Err(e.into()),
-        };
-        let mut magic = [0u8; 4];
-        let got = read_up_to(&mut conn, &mut magic)?;
-        if got == 4 && u32::from_be_bytes(magic) == MULTIFD_MAGIC {
-            return Ok(First::Multifd(multifd::gather(listener, conn, magic)?));
+        let mut refused = Vec::new();
+        loop {
+            let mut conn = match listener.accept_next(false) {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                // file:, exec:, fd: have their one stream ready.
+                Err(TransportError::BadUri { .. }) => return self.first_of_one(listener),
+                Err(e) => return Err(e.into()),
+            };
+            let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT));
+            let mut magic = [0u8; 4];
+            let Ok(got) = read_up_to(&mut conn, &mut magic) else {
+                // Silent (or reset) before its first four bytes: a stray, not a source.
+                refused.push(ChannelRefused::NoHello);
+                continue;
+            };
+            let _ = conn.set_read_timeout(None);
+            if got == 4 && u32::from_be_bytes(magic) == MULTIFD_MAGIC {
+                return Ok(First::Multifd(multifd::gather(
+                    listener, conn, magic, refused,
+                )?));
+            }
+            // A plain stream, or one closed before its fourth byte (a source cancelled
+            // in setup): the loader reads it and says where it ends.
+            listener.close();
+            return Ok(First::Single(Box::new(
+                io::Cursor::new(magic[..got].to_vec()).chain(conn),
+            )));
         }
-        listener.close();
-        Ok(First::Single(Box::new(
-            io::Cursor::new(magic[..got].to_vec()).chain(conn),
-        )))
     }
 
     fn first_of_one(&self, listener: IncomingListener) -> Result<First, IncomingError> {

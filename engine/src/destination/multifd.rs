@@ -26,7 +26,7 @@
 //! blocked, and fails the migration naming the channel and the offset (counted from the
 //! first byte after the hello).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
@@ -83,6 +83,10 @@ pub enum ChannelRefused {
         /// The channel index.
         index: u16,
     },
+    /// Too many connections were waiting (their hello, or their migration's other
+    /// channels) at once.
+    #[error("refused a connection: too many connections waiting for their migration")]
+    TooMany,
 }
 
 /// The connections of one multifd migration, in channel order.
@@ -160,112 +164,147 @@ fn read_magic(conn: &mut Incoming) -> Result<[u8; 4], ChannelRefused> {
     Ok(b)
 }
 
-/// Matches hellos to one migration.
+/// Most connections held while a migration gathers (page channels waiting for their main
+/// channel, hellos being read); more are refused ([`ChannelRefused::TooMany`]).
+const MAX_PENDING: usize = 1024;
+
+/// The connections of one candidate migration (one id) while gathering.
+#[derive(Default)]
+struct Candidate {
+    main: Option<(Hello, Incoming)>,
+    pages: BTreeMap<u16, (Hello, Incoming)>,
+}
+
+/// Matches hellos to migrations: several ids may gather at once (a stray hello must not
+/// take the destination over); the first whose main channel and every page channel
+/// arrived is the migration, every other connection is then refused.
 #[derive(Default)]
 struct Matcher {
-    main: Option<(Hello, Incoming)>,
-    /// Page channels by (migration id, index), before and after the main channel came.
-    pages: BTreeMap<([u8; 16], u16), Incoming>,
+    cands: HashMap<[u8; 16], Candidate>,
+    /// The migration once complete: its id and page-channel count.
+    chosen: Option<([u8; 16], u16)>,
 }
 
 impl Matcher {
-    /// Takes a connection with its hello, or says why it is refused.
-    fn offer(&mut self, h: Hello, conn: Incoming) -> Result<(), ChannelRefused> {
-        if let Some((m, _)) = &self.main {
-            if h.migration_id != m.migration_id {
-                return Err(ChannelRefused::OtherMigration { index: h.index });
+    fn pending(&self) -> usize {
+        self.cands
+            .values()
+            .map(|c| usize::from(c.main.is_some()) + c.pages.len())
+            .sum()
+    }
+
+    /// Why a connection that came after the migration was chosen is refused.
+    fn refusal_after(&self, h: &Hello) -> ChannelRefused {
+        match self.chosen {
+            Some((id, _)) if id != h.migration_id => {
+                ChannelRefused::OtherMigration { index: h.index }
             }
-            if h.channels != m.channels {
-                return Err(ChannelRefused::ChannelCount {
-                    index: h.index,
-                    got: h.channels,
-                    expected: m.channels,
-                });
-            }
+            Some((_, n)) if n != h.channels => ChannelRefused::ChannelCount {
+                index: h.index,
+                got: h.channels,
+                expected: n,
+            },
+            _ => ChannelRefused::Duplicate { index: h.index },
         }
+    }
+
+    /// Takes a connection with its hello. Returns the refusals it causes (its own, or
+    /// page channels of its migration that do not fit the main channel's count) and, when
+    /// it completes a migration, that migration's connections (every other candidate's
+    /// are then refused too).
+    fn offer(&mut self, h: Hello, conn: Incoming) -> (Vec<ChannelRefused>, Option<Complete>) {
+        if self.chosen.is_some() {
+            return (vec![self.refusal_after(&h)], None);
+        }
+        if self.pending() >= MAX_PENDING {
+            return (vec![ChannelRefused::TooMany], None);
+        }
+        let c = self.cands.entry(h.migration_id).or_default();
+        let mut refused = Vec::new();
         if h.index == 0 {
-            if self.main.is_some() {
-                return Err(ChannelRefused::Duplicate { index: 0 });
+            if c.main.is_some() {
+                return (vec![ChannelRefused::Duplicate { index: 0 }], None);
             }
-            self.main = Some((h, conn));
-            return Ok(());
-        }
-        let key = (h.migration_id, h.index);
-        if self.pages.contains_key(&key) {
-            return Err(ChannelRefused::Duplicate { index: h.index });
-        }
-        self.pages.insert(key, conn);
-        Ok(())
-    }
-
-    /// Once the main channel came: page channels of other migrations or counts, now
-    /// known to be strays.
-    fn strays(&mut self) -> Vec<ChannelRefused> {
-        let Some((m, _)) = &self.main else {
-            return Vec::new();
-        };
-        let (id, n) = (m.migration_id, m.channels);
-        let bad: Vec<_> = self
-            .pages
-            .keys()
-            .filter(|(i, idx)| *i != id || *idx > n)
-            .copied()
-            .collect();
-        bad.into_iter()
-            .map(|k| {
-                self.pages.remove(&k);
-                if k.0 != id {
-                    ChannelRefused::OtherMigration { index: k.1 }
-                } else {
-                    ChannelRefused::ChannelCount {
-                        index: k.1,
-                        got: k.1,
-                        expected: n,
-                    }
+            // Page channels that came first and do not fit this main channel.
+            let bad: Vec<u16> = c
+                .pages
+                .iter()
+                .filter(|(i, (p, _))| **i > h.channels || p.channels != h.channels)
+                .map(|(i, _)| *i)
+                .collect();
+            for i in bad {
+                if let Some((p, _)) = c.pages.remove(&i) {
+                    refused.push(ChannelRefused::ChannelCount {
+                        index: i,
+                        got: p.channels,
+                        expected: h.channels,
+                    });
                 }
-            })
-            .collect()
-    }
-
-    fn complete(&mut self) -> Option<(Hello, Incoming, Vec<Incoming>)> {
-        let (m, _) = self.main.as_ref()?;
-        let (id, n) = (m.migration_id, m.channels);
-        if !(1..=n).all(|i| self.pages.contains_key(&(id, i))) {
-            return None;
+            }
+            c.main = Some((h, conn));
+        } else {
+            if let Some((m, _)) = &c.main
+                && m.channels != h.channels
+            {
+                return (
+                    vec![ChannelRefused::ChannelCount {
+                        index: h.index,
+                        got: h.channels,
+                        expected: m.channels,
+                    }],
+                    None,
+                );
+            }
+            if c.pages.contains_key(&h.index) {
+                return (vec![ChannelRefused::Duplicate { index: h.index }], None);
+            }
+            c.pages.insert(h.index, (h, conn));
         }
-        let (h, main) = self.main.take()?;
-        let channels = (1..=n)
-            .map(|i| self.pages.remove(&(id, i)).expect("checked"))
+        let id = h.migration_id;
+        let complete = match &c.main {
+            Some((m, _)) => (1..=m.channels).all(|i| c.pages.contains_key(&i)),
+            None => false,
+        };
+        if !complete {
+            return (refused, None);
+        }
+        let mut c = self.cands.remove(&id).expect("present");
+        let (m, main) = c.main.take().expect("complete");
+        let channels = (1..=m.channels)
+            .map(|i| c.pages.remove(&i).expect("complete").1)
             .collect();
-        Some((h, main, channels))
+        self.chosen = Some((id, m.channels));
+        for (_, other) in self.cands.drain() {
+            for (p, _) in other.main.iter().chain(other.pages.values()) {
+                refused.push(ChannelRefused::OtherMigration { index: p.index });
+            }
+        }
+        (refused, Some((m, main, channels)))
     }
 }
 
 /// Accepts the rest of a multifd migration whose first connection `first` began with
 /// `first4` (`PCMF`), on `listener` (a socket), which the acceptor thread keeps until the
-/// migration ends.
+/// migration ends. Each connection's hello is read on its own short-lived thread (at most
+/// [`HELLO_TIMEOUT`]), so silent connections do not hold the others up.
 ///
-/// Errors: [`IncomingError::Multifd`] when the first connection's hello is bad or not
-/// every channel connected within [`GATHER_TIMEOUT`].
+/// Errors: [`IncomingError::Multifd`] when no migration had its main channel and every
+/// page channel connected within [`GATHER_TIMEOUT`] of the last main channel's hello (the
+/// message lists the connections refused meanwhile).
 pub(super) fn gather(
     listener: IncomingListener,
-    mut first: Incoming,
+    first: Incoming,
     first4: [u8; 4],
+    refused_before: Vec<ChannelRefused>,
 ) -> Result<Gathered, IncomingError> {
-    let _ = first.set_read_timeout(Some(HELLO_TIMEOUT));
-    let hello = read_hello(&mut first, first4)
-        .map_err(|e| IncomingError::Multifd { why: e.to_string() })?;
-    let _ = first.set_read_timeout(None);
-    let mut m = Matcher::default();
-    m.offer(hello, first).expect("the first hello fits");
     let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(Mutex::new(Vec::new()));
+    let refused = Arc::new(Mutex::new(refused_before));
     let (tx, rx) = mpsc::channel();
     let thread = {
         let (stop, refused) = (Arc::clone(&stop), Arc::clone(&refused));
         thread::Builder::new()
             .name("multifd-accept".into())
-            .spawn(move || accept_loop(listener, m, &stop, &refused, tx))
+            .spawn(move || accept_loop(listener, (first, first4), &stop, &refused, tx))
             .map_err(|e| IncomingError::Multifd {
                 why: format!("cannot start the acceptor thread: {e}"),
             })?
@@ -275,75 +314,120 @@ pub(super) fn gather(
         refused,
         thread: Some(thread),
     };
-    match rx.recv_timeout(GATHER_TIMEOUT) {
-        Ok((hello, main, channels)) => Ok(Gathered {
-            hello,
-            main,
-            channels,
-            acceptor,
-        }),
-        Err(_) => Err(IncomingError::Multifd {
-            why: format!(
-                "not every multifd channel connected within {} s",
-                GATHER_TIMEOUT.as_secs()
-            ),
-        }),
+    loop {
+        match rx.recv_timeout(GATHER_TIMEOUT) {
+            Ok(Gathering::Progress) => {}
+            Ok(Gathering::Complete((hello, main, channels))) => {
+                return Ok(Gathered {
+                    hello,
+                    main,
+                    channels,
+                    acceptor,
+                });
+            }
+            Err(_) => {
+                let refused = acceptor.finish();
+                let list: Vec<String> = refused.iter().map(ToString::to_string).collect();
+                return Err(IncomingError::Multifd {
+                    why: format!(
+                        "no multifd migration had its main channel and every page channel \
+                         connected within {} s{}",
+                        GATHER_TIMEOUT.as_secs(),
+                        if list.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", list.join("; "))
+                        }
+                    ),
+                });
+            }
+        }
     }
 }
 
 type Complete = (Hello, Incoming, Vec<Incoming>);
 
+/// What the acceptor tells [`gather`].
+enum Gathering {
+    /// A main channel arrived: the wait starts again.
+    Progress,
+    Complete(Complete),
+}
+
+/// Reads one connection's hello (the rest of it when `first4` came already).
+fn hello_of(conn: &mut Incoming, first4: Option<[u8; 4]>) -> Result<Hello, ChannelRefused> {
+    let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT));
+    let magic = match first4 {
+        Some(m) => m,
+        None => read_magic(conn)?,
+    };
+    let h = read_hello(conn, magic);
+    let _ = conn.set_read_timeout(None);
+    h
+}
+
 fn accept_loop(
     listener: IncomingListener,
-    mut m: Matcher,
+    first: (Incoming, [u8; 4]),
     stop: &AtomicBool,
     refused: &Mutex<Vec<ChannelRefused>>,
-    tx: mpsc::Sender<Complete>,
+    tx: mpsc::Sender<Gathering>,
 ) {
     let refuse = |e: ChannelRefused| lock(refused).push(e);
-    let mut done = false;
-    if let Some(c) = m.complete() {
-        let _ = tx.send(c);
-        done = true;
-    }
+    let mut m = Matcher::default();
+    let (htx, hrx) = mpsc::channel::<(Result<Hello, ChannelRefused>, Incoming)>();
+    let readers = Arc::new(AtomicU64::new(0));
+    let spawn_reader = |mut conn: Incoming, first4: Option<[u8; 4]>| {
+        if readers.load(Ordering::Relaxed) >= 64 {
+            refuse(ChannelRefused::TooMany);
+            return;
+        }
+        readers.fetch_add(1, Ordering::Relaxed);
+        let (htx, readers) = (htx.clone(), Arc::clone(&readers));
+        let spawned = thread::Builder::new()
+            .name("multifd-hello".into())
+            .spawn(move || {
+                let h = hello_of(&mut conn, first4);
+                readers.fetch_sub(1, Ordering::Relaxed);
+                let _ = htx.send((h, conn));
+            });
+        if spawned.is_err() {
+            refuse(ChannelRefused::TooMany);
+        }
+    };
+    spawn_reader(first.0, Some(first.1));
     while !stop.load(Ordering::Relaxed) {
-        let conn = match listener.accept_next(true) {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                thread::sleep(Duration::from_millis(5));
-                continue;
+        let mut idle = true;
+        while let Ok((h, conn)) = hrx.try_recv() {
+            idle = false;
+            let h = match h {
+                Ok(h) => h,
+                Err(e) => {
+                    refuse(e);
+                    continue;
+                }
+            };
+            if h.index == 0 && m.chosen.is_none() {
+                let _ = tx.send(Gathering::Progress);
             }
-            Err(_) => {
-                thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        let mut conn = conn;
-        let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT));
-        let hello = read_magic(&mut conn).and_then(|b| read_hello(&mut conn, b));
-        let _ = conn.set_read_timeout(None);
-        let h = match hello {
-            Ok(h) => h,
-            Err(e) => {
+            let (refusals, complete) = m.offer(h, conn);
+            for e in refusals {
                 refuse(e);
-                continue;
             }
-        };
-        if done {
-            // Every channel is here: anything else is a stray.
-            refuse(ChannelRefused::Duplicate { index: h.index });
-            continue;
+            if let Some(c) = complete {
+                let _ = tx.send(Gathering::Complete(c));
+            }
         }
-        if let Err(e) = m.offer(h, conn) {
-            refuse(e);
-            continue;
+        match listener.accept_next(true) {
+            Ok(Some(conn)) => {
+                idle = false;
+                spawn_reader(conn, None);
+            }
+            Ok(None) => {}
+            Err(_) => thread::sleep(Duration::from_millis(20)),
         }
-        for e in m.strays() {
-            refuse(e);
-        }
-        if let Some(c) = m.complete() {
-            let _ = tx.send(c);
-            done = true;
+        if idle {
+            thread::sleep(Duration::from_millis(5));
         }
     }
     listener.close();

@@ -268,6 +268,7 @@ impl Decoder {
         let what = if rest.is_empty() {
             match self.state {
                 State::Magic => "file header",
+                State::Ram if self.channel => "multifd page channel (no closing EOS)",
                 State::Ram => "ram section (no EOS)",
                 _ => "stream (no EOF marker)",
             }
