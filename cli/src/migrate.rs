@@ -47,6 +47,11 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
     if let Some(Err(e)) = args.to.as_deref().map(str::parse::<MigrationUri>) {
         return Err(e.to_string());
     }
+    if args.multifd_channels.is_some() && !args.multifd.on() {
+        eprintln!(
+            "warning: --multifd-channels has no effect without --multifd on (one stream is sent)"
+        );
+    }
     if args.mapped_ram.on() {
         if args.multifd.on() {
             return Err("--multifd on needs a socket transport (tcp: or unix:); \
