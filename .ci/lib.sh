@@ -3,16 +3,22 @@
 # CI runs on whatever x86_64 (or aarch64) CPU the next machine has.
 
 # The comma-separated XBZRLE SIMD backends this CPU can run, from
-# /proc/cpuinfo: sse2 on every x86_64, avx2 where the CPU reports it,
-# avx512bw only where it reports both avx512f and avx512bw; neon on aarch64
+# /proc/cpuinfo: sse2 on every x86_64, avx2 where the CPU reports avx2, bmi1,
+# bmi2 and popcnt (the AVX2 backend uses all four), avx512bw only where it
+# reports both avx512f and avx512bw; neon on aarch64
 # (asimd). Prints nothing on a CPU with none of them.
+has_avx2_backend_flags() {
+    local f
+    for f in avx2 bmi1 bmi2 popcnt; do grep -qw "$f" <<<"$1" || return 1; done
+}
+
 required_backends() {
     local flags req=""
     flags=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || true)
     case "$(uname -m)" in
         x86_64)
             req=sse2
-            if grep -qw avx2 <<<"$flags"; then req+=,avx2; fi
+            if has_avx2_backend_flags "$flags"; then req+=,avx2; fi
             if grep -qw avx512f <<<"$flags" && grep -qw avx512bw <<<"$flags"; then
                 req+=,avx512bw
             fi

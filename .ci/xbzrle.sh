@@ -23,12 +23,13 @@ PROPTEST_CASES="${PROPTEST_CASES:-2000}" cargo test -p xbzrle --release -- --noc
 grep -E 'backends run|QEMU records|test result|FAILED|panicked|error' "$log" | sort | uniq -c
 check_backends_ran "$log" "$XBZRLE_REQUIRE_BACKENDS"
 
-step "no_std build, compile-time selection (+avx2, no run-time detection)"
-if grep -qw avx2 <<<"$(grep -m1 '^flags' /proc/cpuinfo || true)"; then
-    XBZRLE_REQUIRE_BACKENDS=avx2 RUSTFLAGS="-C target-feature=+avx2" cargo test -p xbzrle --no-default-features --release \
+step "no_std build, compile-time selection (+avx2,+bmi1,+bmi2,+popcnt, no run-time detection)"
+# The AVX2 backend needs bmi1, bmi2 and popcnt besides avx2 (Backend::Avx2).
+if has_avx2_backend_flags "$(grep -m1 '^flags' /proc/cpuinfo || true)"; then
+    XBZRLE_REQUIRE_BACKENDS=avx2 RUSTFLAGS="-C target-feature=+avx2,+bmi1,+bmi2,+popcnt" cargo test -p xbzrle --no-default-features --release \
         --target-dir target/xbzrle-avx2 -- --skip every_offset --skip all_short_deltas 2>&1 | grep -E 'test result|FAILED|panicked'
 else
-    echo "skipped: this CPU has no avx2, so a +avx2 build cannot run here"
+    echo "skipped: this CPU lacks one of avx2, bmi1, bmi2, popcnt, so that build cannot run here"
 fi
 
 step "clippy: no default features"

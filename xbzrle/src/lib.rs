@@ -34,7 +34,8 @@
 //!
 //! * `std` (default): run-time CPU feature detection. Without it the crate is
 //!   `no_std` and picks backends from compile-time target features
-//!   (`-C target-feature=+avx2`, or NEON on aarch64).
+//!   (`-C target-feature=+avx2,+bmi1,+bmi2,+popcnt` for the AVX2 backend, or
+//!   NEON on aarch64).
 //!
 //! # Hardening and compatibility
 //!
