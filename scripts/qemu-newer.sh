@@ -19,6 +19,19 @@ tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 ( cd "$tmp" && apt-get download -q -t bookworm-backports qemu-system-x86 qemu-system-common qemu-system-data >/dev/null 2>&1 )
 mkdir -p "$dir"
 for f in "$tmp"/*.deb; do dpkg-deb -x "$f" "$dir"; done
+# The unpacked binary still needs its shared libraries and the firmware its data
+# package links to (seabios, ipxe-qemu): install what the package depends on, except
+# the QEMU packages unpacked above (a fresh machine has none of them).
+missing=()
+for p in $(dpkg-deb -f "$tmp"/qemu-system-x86_*.deb Depends | tr ',' '\n' \
+        | sed -E 's/\|.*//; s/\(.*\)//; s/[[:space:]]//g' | grep -v -e '^qemu-system-' -e '^$'); do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing what QEMU 10 needs: ${missing[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        -t bookworm-backports "${missing[@]}" >/dev/null
+fi
 if ldd "$bin" | grep -q "not found"; then ldd "$bin" | grep "not found" >&2; exit 2; fi
 "$bin" --version | head -1 >&2
 echo "$bin"

@@ -50,7 +50,11 @@ if [ ${#need[@]} -gt 0 ]; then
   say "installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -q
-  $SUDO apt-get install -y --no-install-recommends "${need[@]}"
+  # A backports qemu-utils (10.x) Breaks 7.2's qemu-system-common: take bookworm's.
+  if dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null | grep -q bpo; then
+    need+=(qemu-utils/bookworm)
+  fi
+  $SUDO apt-get install -y --no-install-recommends --allow-downgrades "${need[@]}"
 fi
 qver="$(qemu-system-x86_64 --version | head -1)"
 say "$qver"
