@@ -168,6 +168,11 @@ fn read_magic(conn: &mut Incoming) -> Result<[u8; 4], ChannelRefused> {
 /// channel, hellos being read); more are refused ([`ChannelRefused::TooMany`]).
 const MAX_PENDING: usize = 1024;
 
+/// Hellos read at once, one thread each: room for a whole migration at the most
+/// channels (255 + the main one) twice over, so a fast source's own connections are
+/// never refused while the first ones are still being read.
+const MAX_HELLO_READERS: u64 = 2 * (precopy_stream::multifd::MAX_CHANNELS as u64 + 1);
+
 /// The connections of one candidate migration (one id) while gathering.
 #[derive(Default)]
 struct Candidate {
@@ -378,7 +383,7 @@ fn accept_loop(
     let (htx, hrx) = mpsc::channel::<(Result<Hello, ChannelRefused>, Incoming)>();
     let readers = Arc::new(AtomicU64::new(0));
     let spawn_reader = |mut conn: Incoming, first4: Option<[u8; 4]>| {
-        if readers.load(Ordering::Relaxed) >= 64 {
+        if readers.load(Ordering::Relaxed) >= MAX_HELLO_READERS {
             refuse(ChannelRefused::TooMany);
             return;
         }
