@@ -42,6 +42,14 @@ pub(crate) fn receive<G: IncomingGuest>(args: &IncomingArgs, mut guest: G) -> Ex
         ..Limits::default()
     };
     let d = Destination::new().with_verify(args.verify.on());
+    // A stray connection (a port scan, a wrong peer) is refused and the wait goes on: say
+    // so as it happens, not only in the final report.
+    let refusals = d.subscribe_refusals();
+    std::thread::spawn(move || {
+        for e in refusals {
+            eprintln!("precopy incoming: {e}");
+        }
+    });
     let r = match d.accept_and_receive_into(l, limits, guest.ram()) {
         Ok(r) => r,
         Err(e) => return failed(args, &e.to_string(), d.bytes_received()),

@@ -65,7 +65,9 @@ pub mod source;
 pub mod transport;
 pub mod vmdesc;
 
-pub use destination::{ChannelRefused, Destination, IncomingError, Received};
+pub use destination::{
+    ChannelRefused, Destination, GATHER_TIMEOUT, HELLO_TIMEOUT, IncomingError, Received,
+};
 pub use guest::sim::{SimConfig, SimConfigError, SimGuest, SimWorkload, UnknownWorkload};
 pub use guest::{
     DeviceStateEntry, DirtyLog, Guest, GuestError, GuestRam, Hooked, RamBlockInfo, SharedGuest,

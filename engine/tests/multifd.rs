@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use precopy_engine::{
-    Capabilities, ChannelRefused, Destination, IncomingError, IncomingListener, MigrateError,
-    MigrationStatus, Migrator, ParameterUpdate, SimGuest, SimWorkload, VcpuControl,
+    Capabilities, ChannelRefused, Destination, HELLO_TIMEOUT, IncomingError, IncomingListener,
+    MigrateError, MigrationStatus, Migrator, ParameterUpdate, SimGuest, SimWorkload, VcpuControl,
 };
 use precopy_stream::Limits;
 use precopy_stream::multifd::{HELLO_LEN, Hello};
@@ -191,7 +191,7 @@ fn strays_and_duplicates_are_refused_without_disturbing_the_migration() {
     assert!(
         refused
             .iter()
-            .any(|e| matches!(e, ChannelRefused::BadHello(_))),
+            .any(|e| matches!(e, ChannelRefused::NotAMigration { found: 0x4745_5420 })),
         "{refused:?}"
     );
     // The hello with a taken index came after gathering, with another id.
@@ -480,12 +480,136 @@ fn strays_before_the_source_neither_hang_nor_take_over_the_destination() {
     let r = d.thread.join().unwrap().unwrap();
     assert_same(&g, &r);
     let refused = &r.refused_connections;
-    assert!(refused.contains(&ChannelRefused::NoHello), "{refused:?}");
+    // The silent ones: still silent when the migration ended.
+    assert_eq!(
+        refused
+            .iter()
+            .filter(|e| matches!(e, ChannelRefused::NoHello | ChannelRefused::Late))
+            .count(),
+        11,
+        "{refused:?}"
+    );
     assert!(
         refused.contains(&ChannelRefused::OtherMigration { index: 0 }),
         "{refused:?}"
     );
     drop((silent, fake_main, more));
+}
+
+/// Silent connections that came before the source are read on their own threads: they
+/// do not delay the source by [`HELLO_TIMEOUT`] each (12 of them one after another would
+/// have been a minute, past [`GATHER_TIMEOUT`]), for a plain stream or a multifd one. Each
+/// is refused, named, and told to a subscriber as it happens.
+#[test]
+fn silent_strays_before_the_source_do_not_delay_it() {
+    for channels in [0u16, 2] {
+        let g = sim(SimWorkload::HotSet, 4, 2000, 53);
+        let m = if channels == 0 {
+            migrator(g.clone(), true, true)
+        } else {
+            multifd_migrator(g.clone(), true, channels)
+        };
+        let l = IncomingListener::bind("tcp:127.0.0.1:0").unwrap();
+        let uri = l.local_uri();
+        let addr = uri.strip_prefix("tcp:").unwrap().to_owned();
+        let d = Destination::new();
+        let told = d.subscribe_refusals();
+        let d2 = d.clone();
+        let thread = std::thread::spawn(move || d2.accept_and_receive(l, Limits::default()));
+        let strays: Vec<TcpStream> = (0..12)
+            .map(|_| TcpStream::connect(&addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let t = std::time::Instant::now();
+        m.start(&uri).unwrap();
+        let info = m.wait().unwrap();
+        completed(&info);
+        let r = thread.join().unwrap().unwrap();
+        let took = t.elapsed();
+        assert_same(&g, &r);
+        assert_eq!(r.multifd_channels, channels);
+        // Serially it would take 12 x 5 s; allow a slow machine, not a serial wait.
+        assert!(
+            took < HELLO_TIMEOUT * 12 / 2,
+            "{channels} channels: took {took:?} behind 12 silent strays"
+        );
+        let strays_refused: Vec<_> = r
+            .refused_connections
+            .iter()
+            .filter(|e| matches!(e, ChannelRefused::NoHello | ChannelRefused::Late))
+            .collect();
+        assert_eq!(strays_refused.len(), 12, "{:?}", r.refused_connections);
+        let live: Vec<ChannelRefused> = told.try_iter().collect();
+        assert_eq!(live, r.refused_connections);
+        drop(strays);
+    }
+}
+
+/// Before a plain-stream source: a stray that sends garbage, one that sends half a
+/// stream header and closes, one that connects and closes. Each is refused as what it is,
+/// and the destination goes on waiting for the real source (QEMU's `-incoming` would
+/// have failed on the first).
+#[test]
+fn garbage_and_cut_connections_before_the_source_are_refused() {
+    let g = sim(SimWorkload::HotSet, 4, 2000, 59);
+    let m = migrator(g.clone(), true, true);
+    let d = destination();
+    let addr = d.uri.strip_prefix("tcp:").unwrap().to_owned();
+    let mut garbage = TcpStream::connect(&addr).unwrap();
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut cut = TcpStream::connect(&addr).unwrap();
+    cut.write_all(b"QE").unwrap();
+    drop(cut);
+    drop(TcpStream::connect(&addr).unwrap());
+    // Each is read and refused within this; none ends the destination.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!d.thread.is_finished(), "a stray ended the destination");
+    assert_eq!(d.state.status(), MigrationStatus::Setup);
+    m.start(&d.uri).unwrap();
+    completed(&m.wait().unwrap());
+    let r = d.thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    let refused = &r.refused_connections;
+    for want in [
+        ChannelRefused::NotAMigration { found: 0x4745_5420 },
+        ChannelRefused::Closed { got: 2 },
+        ChannelRefused::Closed { got: 0 },
+    ] {
+        assert!(refused.contains(&want), "{want:?} not in {refused:?}");
+    }
+    drop(garbage);
+}
+
+/// While a multifd migration runs, a plain stream is refused as such.
+#[test]
+fn a_plain_stream_during_a_multifd_migration_is_refused() {
+    let g = sim(SimWorkload::Mix, 8, 5000, 61);
+    let m = multifd_migrator(g.clone(), true, 2);
+    set(
+        &m,
+        ParameterUpdate {
+            max_bandwidth: Some(16 << 20),
+            ..Default::default()
+        },
+    );
+    let d = destination();
+    let addr = d.uri.strip_prefix("tcp:").unwrap().to_owned();
+    m.start(&d.uri).unwrap();
+    assert_eq!(
+        m.wait_for_status(MigrationStatus::Active, Duration::from_secs(10)),
+        MigrationStatus::Active
+    );
+    let mut plain = TcpStream::connect(&addr).unwrap();
+    plain.write_all(b"QEVM\0\0\0\x03").unwrap();
+    completed(&m.wait().unwrap());
+    let r = d.thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    assert!(
+        r.refused_connections.contains(&ChannelRefused::PlainStream),
+        "{:?}",
+        r.refused_connections
+    );
+    drop(plain);
 }
 
 /// A cache that works for one stream works split over the channels: each gets at least

@@ -118,8 +118,9 @@ pub struct Received<T = RamImage> {
     pub bytes: u64,
     /// multifd page channels of the migration (0: a single stream).
     pub multifd_channels: u16,
-    /// Connections refused while a multifd migration was accepted or ran (strays,
-    /// duplicates, other migrations): they did not disturb it.
+    /// Connections refused while the destination waited for its source, and while a
+    /// multifd migration was accepted or ran (strays, duplicates, other migrations): they
+    /// did not disturb it.
     pub refused_connections: Vec<ChannelRefused>,
     /// ms from the first byte to the verified end.
     pub total_time_ms: u64,
@@ -137,6 +138,7 @@ pub struct Destination {
     state: Arc<Mutex<State>>,
     bytes: Arc<AtomicU64>,
     verify: bool,
+    refusals: multifd::Refusals,
 }
 
 impl Default for Destination {
@@ -184,6 +186,7 @@ impl Destination {
             })),
             bytes: Arc::new(AtomicU64::new(0)),
             verify: true,
+            refusals: multifd::Refusals::default(),
         }
     }
 
@@ -225,6 +228,14 @@ impl Destination {
         rx
     }
 
+    /// A receiver of every connection refused from now on, as it is refused (strays while
+    /// waiting for the source or during a multifd migration; see
+    /// [`accept_and_receive_into`](Destination::accept_and_receive_into)). The same
+    /// refusals come back in [`Received::refused_connections`] at the end.
+    pub fn subscribe_refusals(&self) -> mpsc::Receiver<ChannelRefused> {
+        self.refusals.subscribe()
+    }
+
     /// Accept one source on `listener` and [`receive`](Destination::receive) from it.
     pub fn accept_and_receive(
         &self,
@@ -238,7 +249,16 @@ impl Destination {
     /// `target` from it. The source decides the shape: a plain stream (first bytes
     /// `QEVM`), or a multifd migration (first bytes `PCMF`, [`precopy_stream::multifd`]),
     /// whose main and page channels are accepted in any order on `listener` (`tcp:` and
-    /// `unix:`), loaded in parallel, strays refused ([`Received::refused_connections`]).
+    /// `unix:`), loaded in parallel.
+    ///
+    /// On `tcp:` and `unix:` the destination waits for its source without a time limit,
+    /// reading every connection's first bytes on its own thread: a connection that is
+    /// silent for [`HELLO_TIMEOUT`], closes before its fourth byte, or starts with neither
+    /// `QEVM` nor `PCMF` is refused and the wait goes on, as are strays during a multifd
+    /// migration. Each refusal is a [`ChannelRefused`], told as it happens
+    /// ([`subscribe_refusals`](Destination::subscribe_refusals)) and listed in
+    /// [`Received::refused_connections`]. On `file:`, `exec:` and `fd:` the one stream is
+    /// the source, whatever it holds.
     ///
     /// Errors: as [`receive_into`](Destination::receive_into), plus
     /// [`IncomingError::Transport`] when accepting fails, [`IncomingError::Channel`] and
@@ -251,7 +271,10 @@ impl Destination {
     ) -> Result<Received<T>, IncomingError> {
         self.set(MigrationStatus::Setup);
         let r = self.accept_first(listener).and_then(|first| match first {
-            First::Single(conn) => self.receive_into(conn, limits, target),
+            First::Single(conn, refused) => self.receive_into(conn, limits, target).map(|mut r| {
+                r.refused_connections = refused;
+                r
+            }),
             First::Multifd(g) => self.receive_multifd(g, limits, target),
         });
         if let Err(e) = &r
@@ -263,41 +286,22 @@ impl Destination {
     }
 
     /// The first connection: a plain stream (its first four bytes put back in front), or
-    /// a multifd migration's first connection, with the others gathered. On a socket, a
-    /// connection that sends fewer than four bytes within [`HELLO_TIMEOUT`] is a stray
-    /// (a real source, QEMU's or ours, writes at once): it is refused and the destination
-    /// waits on. One that closes before its fourth byte is read as a plain stream that is
-    /// cut (a source cancelled in setup), as before multifd.
+    /// a multifd migration's connections, gathered ([`multifd::accept_source`]: on a
+    /// socket, strays are refused and the wait goes on).
     fn accept_first(&self, listener: IncomingListener) -> Result<First, IncomingError> {
-        let mut refused = Vec::new();
-        loop {
-            let mut conn = match listener.accept_next(false) {
-                Ok(Some(c)) => c,
-                Ok(None) => continue,
-                // file:, exec:, fd: have their one stream ready.
-                Err(TransportError::BadUri { .. }) => return self.first_of_one(listener),
-                Err(e) => return Err(e.into()),
-            };
-            let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT));
-            let mut magic = [0u8; 4];
-            let Ok(got) = read_up_to(&mut conn, &mut magic) else {
-                // Silent (or reset) before its first four bytes: a stray, not a source.
-                refused.push(ChannelRefused::NoHello);
-                continue;
-            };
-            let _ = conn.set_read_timeout(None);
-            if got == 4 && u32::from_be_bytes(magic) == MULTIFD_MAGIC {
-                return Ok(First::Multifd(multifd::gather(
-                    listener, conn, magic, refused,
-                )?));
-            }
-            // A plain stream, or one closed before its fourth byte (a source cancelled
-            // in setup): the loader reads it and says where it ends.
-            listener.close();
-            return Ok(First::Single(Box::new(
-                io::Cursor::new(magic[..got].to_vec()).chain(conn),
-            )));
+        if !listener.accepts_many() {
+            // file:, exec:, fd: have their one stream ready.
+            return self.first_of_one(listener);
         }
+        Ok(
+            match multifd::accept_source(listener, self.refusals.clone())? {
+                multifd::Opened::Plain(magic, conn, refused) => First::Single(
+                    Box::new(io::Cursor::new(magic.to_vec()).chain(conn)),
+                    refused,
+                ),
+                multifd::Opened::Multifd(g) => First::Multifd(g),
+            },
+        )
     }
 
     fn first_of_one(&self, listener: IncomingListener) -> Result<First, IncomingError> {
@@ -311,9 +315,10 @@ impl Destination {
                     .into(),
             });
         }
-        Ok(First::Single(Box::new(
-            io::Cursor::new(magic[..got].to_vec()).chain(conn),
-        )))
+        Ok(First::Single(
+            Box::new(io::Cursor::new(magic[..got].to_vec()).chain(conn)),
+            Vec::new(),
+        ))
     }
 
     /// Load a gathered multifd migration into `target` and verify it.
@@ -471,7 +476,8 @@ impl Destination {
 
 /// The first connection of an incoming migration.
 enum First {
-    Single(Box<dyn Read + Send>),
+    /// A plain stream, and the connections refused before it.
+    Single(Box<dyn Read + Send>, Vec<ChannelRefused>),
     Multifd(multifd::Gathered),
 }
 

@@ -3,13 +3,18 @@
 //!
 //! # Accepting
 //!
-//! An acceptor thread owns the listener for the whole migration. Each connection must
-//! send its hello within [`HELLO_TIMEOUT`]. The main channel's hello names the migration
-//! (id and number of page channels); page channels that came before it wait for it. A
-//! connection that does not fit — no hello, a bad one, another migration's id, another
-//! channel count, a channel index already taken — is refused ([`ChannelRefused`]) and
-//! closed, and the migration goes on; after every channel arrived, any further connection
-//! is refused the same way until the migration ends.
+//! An acceptor thread owns the listener from the start ([`accept_source`]). Each
+//! connection's first bytes are read on its own short-lived thread, at most
+//! [`HELLO_TIMEOUT`], so no connection holds another up. A plain stream (`QEVM`) that
+//! comes before any multifd main channel is the migration: accepting stops. A multifd main
+//! channel's hello names a migration (id and number of page channels); page channels that
+//! came before it wait for it, and several migrations may gather at once until one has
+//! every channel. A connection that does not fit — silent, closed before its fourth byte,
+//! neither `QEVM` nor `PCMF`, a bad hello, another migration's id, another channel count, a
+//! channel index already taken — is refused ([`ChannelRefused`]) and closed, and the wait
+//! or the migration goes on; after every channel arrived, any further connection is
+//! refused the same way until the migration ends, and one still silent then is refused as
+//! [`ChannelRefused::Late`].
 //!
 //! # Loading
 //!
@@ -31,9 +36,10 @@ use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use precopy_stream::multifd::{HELLO_LEN, Hello, HelloError, channel_of_page};
+use precopy_stream::format::FILE_MAGIC;
+use precopy_stream::multifd::{HELLO_LEN, Hello, HelloError, MULTIFD_MAGIC, channel_of_page};
 use precopy_stream::{
     Control, Decoder, Item, Limits, LoadStats, Loader, PageApplier, RamBlockInfo, RamRecord,
     RamTarget, StreamReader, TargetError,
@@ -56,9 +62,40 @@ pub enum ChannelRefused {
     /// The hello is malformed or not a multifd hello.
     #[error("refused a connection: {0}")]
     BadHello(#[from] HelloError),
-    /// No complete hello within [`HELLO_TIMEOUT`].
-    #[error("refused a connection: no multifd hello within {} s", HELLO_TIMEOUT.as_secs())]
+    /// Silent: neither a stream header nor a whole hello within [`HELLO_TIMEOUT`].
+    #[error(
+        "refused a connection: it sent no migration stream header nor multifd hello within {} s",
+        HELLO_TIMEOUT.as_secs()
+    )]
     NoHello,
+    /// It closed (or reset) before its fourth byte.
+    #[error("refused a connection: it closed after {got} bytes, before saying what it is")]
+    Closed {
+        /// Bytes it sent.
+        got: usize,
+    },
+    /// Its first four bytes are neither `QEVM` (a migration stream) nor `PCMF` (a
+    /// multifd hello).
+    #[error(
+        "refused a connection: first four bytes {found:#010x} are neither a migration stream \
+         (0x5145564d \"QEVM\") nor a multifd hello (0x50434d46 \"PCMF\")"
+    )]
+    NotAMigration {
+        /// The first four bytes, big-endian.
+        found: u32,
+    },
+    /// A plain migration stream (`QEVM`) while a multifd migration is being accepted or
+    /// runs.
+    #[error(
+        "refused a connection: a plain migration stream while a multifd migration is under way"
+    )]
+    PlainStream,
+    /// It had not said what it is when the destination stopped accepting (the migration
+    /// had begun or ended); it was shut down.
+    #[error(
+        "refused a connection: it had not said what it is when the destination stopped accepting"
+    )]
+    Late,
     /// The hello names another migration.
     #[error("refused multifd channel {index}: it belongs to another migration")]
     OtherMigration {
@@ -100,7 +137,9 @@ pub(super) struct Gathered {
 /// The acceptor thread: refuses strays until stopped.
 pub(super) struct Acceptor {
     stop: Arc<AtomicBool>,
-    refused: Arc<Mutex<Vec<ChannelRefused>>>,
+    refusals: Refusals,
+    /// This migration's refusals start here in `refusals`.
+    from: usize,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -111,7 +150,7 @@ impl Acceptor {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        lock(&self.refused).clone()
+        self.refusals.since(self.from)
     }
 }
 
@@ -155,10 +194,18 @@ fn read_magic(conn: &mut Incoming) -> Result<[u8; 4], ChannelRefused> {
     let mut got = 0;
     while got < 4 {
         match conn.read(&mut b[got..]) {
-            Ok(0) => return Err(HelloError::Truncated { got }.into()),
+            Ok(0) => return Err(ChannelRefused::Closed { got }),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(ChannelRefused::NoHello),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ChannelRefused::NoHello);
+            }
+            Err(_) => return Err(ChannelRefused::Closed { got }),
         }
     }
     Ok(b)
@@ -191,6 +238,22 @@ struct Matcher {
 }
 
 impl Matcher {
+    /// Whether a main channel waits for its page channels.
+    fn has_main(&self) -> bool {
+        self.cands.values().any(|c| c.main.is_some())
+    }
+
+    /// Drops every waiting connection: the destination took another migration or stopped.
+    fn refuse_all(&mut self) -> Vec<ChannelRefused> {
+        let mut refused = Vec::new();
+        for (_, c) in self.cands.drain() {
+            for (p, _) in c.main.iter().chain(c.pages.values()) {
+                refused.push(ChannelRefused::OtherMigration { index: p.index });
+            }
+        }
+        refused
+    }
+
     fn pending(&self) -> usize {
         self.cands
             .values()
@@ -279,71 +342,135 @@ impl Matcher {
             .map(|i| c.pages.remove(&i).expect("complete").1)
             .collect();
         self.chosen = Some((id, m.channels));
-        for (_, other) in self.cands.drain() {
-            for (p, _) in other.main.iter().chain(other.pages.values()) {
-                refused.push(ChannelRefused::OtherMigration { index: p.index });
-            }
-        }
+        refused.extend(self.refuse_all());
         (refused, Some((m, main, channels)))
     }
 }
 
-/// Accepts the rest of a multifd migration whose first connection `first` began with
-/// `first4` (`PCMF`), on `listener` (a socket), which the acceptor thread keeps until the
-/// migration ends. Each connection's hello is read on its own short-lived thread (at most
-/// [`HELLO_TIMEOUT`]), so silent connections do not hold the others up.
+/// Connections refused so far (in order), and the subscribers told of each as it happens
+/// ([`Destination::subscribe_refusals`](super::Destination::subscribe_refusals)).
+#[derive(Clone, Default)]
+pub(super) struct Refusals(Arc<Mutex<RefusalLog>>);
+
+#[derive(Default)]
+struct RefusalLog {
+    list: Vec<ChannelRefused>,
+    listeners: Vec<mpsc::Sender<ChannelRefused>>,
+}
+
+impl Refusals {
+    pub(super) fn push(&self, e: ChannelRefused) {
+        let mut l = lock(&self.0);
+        l.listeners.retain(|tx| tx.send(e.clone()).is_ok());
+        l.list.push(e);
+    }
+
+    /// How many were refused so far (where one migration's list starts).
+    pub(super) fn len(&self) -> usize {
+        lock(&self.0).list.len()
+    }
+
+    /// The refusals from the `from`-th on.
+    pub(super) fn since(&self, from: usize) -> Vec<ChannelRefused> {
+        lock(&self.0).list.get(from..).unwrap_or_default().to_vec()
+    }
+
+    pub(super) fn subscribe(&self) -> mpsc::Receiver<ChannelRefused> {
+        let (tx, rx) = mpsc::channel();
+        lock(&self.0).listeners.push(tx);
+        rx
+    }
+}
+
+/// How an incoming migration began, once its first connections said what they are.
+pub(super) enum Opened {
+    /// A plain stream (`QEVM`): its first four bytes, the connection, and the connections
+    /// refused before it.
+    Plain([u8; 4], Incoming, Vec<ChannelRefused>),
+    /// A multifd migration, every channel connected.
+    Multifd(Gathered),
+}
+
+/// Waits on `listener` (a socket) for a source: every connection's first bytes are read on
+/// its own short-lived thread (at most [`HELLO_TIMEOUT`]), so a silent, slow or garbage
+/// connection holds no other up. The first to complete wins:
 ///
-/// Errors: [`IncomingError::Multifd`] when no migration had its main channel and every
-/// page channel connected within [`GATHER_TIMEOUT`] of the last main channel's hello (the
-/// message lists the connections refused meanwhile).
-pub(super) fn gather(
+/// - a plain stream (`QEVM`), unless a multifd main channel is already waiting for its page
+///   channels: the listener is then closed, as a single-stream destination has one source;
+/// - a multifd migration whose main channel and every page channel connected: the acceptor
+///   thread keeps the listener, refusing every further connection, until the migration
+///   ends ([`Acceptor::finish`]).
+///
+/// Anything else is refused ([`ChannelRefused`], pushed to `refusals`) and the wait goes
+/// on: silence, a connection that closes or resets before its fourth byte, first bytes that
+/// are neither `QEVM` nor `PCMF`, a bad hello, a hello that does not fit. The destination
+/// waits for its source without a time limit, like QEMU's `-incoming`.
+///
+/// Errors: [`IncomingError::Multifd`] when, after a multifd main channel arrived, no
+/// migration had its main channel and every page channel connected within
+/// [`GATHER_TIMEOUT`] of the last main channel's hello (the message lists the connections
+/// refused meanwhile), or the acceptor thread could not start.
+pub(super) fn accept_source(
     listener: IncomingListener,
-    first: Incoming,
-    first4: [u8; 4],
-    refused_before: Vec<ChannelRefused>,
-) -> Result<Gathered, IncomingError> {
+    refusals: Refusals,
+) -> Result<Opened, IncomingError> {
     let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(Mutex::new(refused_before));
+    let from = refusals.len();
     let (tx, rx) = mpsc::channel();
     let thread = {
-        let (stop, refused) = (Arc::clone(&stop), Arc::clone(&refused));
+        let (stop, refusals) = (Arc::clone(&stop), refusals.clone());
         thread::Builder::new()
-            .name("multifd-accept".into())
-            .spawn(move || accept_loop(listener, (first, first4), &stop, &refused, tx))
+            .name("migration-accept".into())
+            .spawn(move || accept_loop(listener, &stop, &refusals, tx))
             .map_err(|e| IncomingError::Multifd {
                 why: format!("cannot start the acceptor thread: {e}"),
             })?
     };
     let acceptor = Acceptor {
         stop,
-        refused,
+        refusals,
+        from,
         thread: Some(thread),
     };
+    // No limit until a multifd main channel arrives.
+    let mut deadline: Option<Instant> = None;
     loop {
-        match rx.recv_timeout(GATHER_TIMEOUT) {
-            Ok(Gathering::Progress) => {}
+        let got = match deadline {
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+        };
+        match got {
+            Ok(Gathering::Progress) => deadline = Some(Instant::now() + GATHER_TIMEOUT),
             Ok(Gathering::Complete((hello, main, channels))) => {
-                return Ok(Gathered {
+                return Ok(Opened::Multifd(Gathered {
                     hello,
                     main,
                     channels,
                     acceptor,
-                });
+                }));
             }
-            Err(_) => {
+            Ok(Gathering::Plain(magic, conn)) => {
+                let refused = acceptor.finish();
+                return Ok(Opened::Plain(magic, conn, refused));
+            }
+            Err(e) => {
                 let refused = acceptor.finish();
                 let list: Vec<String> = refused.iter().map(ToString::to_string).collect();
-                return Err(IncomingError::Multifd {
-                    why: format!(
+                let why = if e == mpsc::RecvTimeoutError::Timeout {
+                    format!(
                         "no multifd migration had its main channel and every page channel \
-                         connected within {} s{}",
-                        GATHER_TIMEOUT.as_secs(),
-                        if list.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" ({})", list.join("; "))
-                        }
-                    ),
+                         connected within {} s",
+                        GATHER_TIMEOUT.as_secs()
+                    )
+                } else {
+                    "the acceptor thread stopped".to_owned()
+                };
+                return Err(IncomingError::Multifd {
+                    why: if list.is_empty() {
+                        why
+                    } else {
+                        format!("{why} ({})", list.join("; "))
+                    },
                 });
             }
         }
@@ -352,81 +479,114 @@ pub(super) fn gather(
 
 type Complete = (Hello, Incoming, Vec<Incoming>);
 
-/// What the acceptor tells [`gather`].
+/// What the acceptor tells [`accept_source`].
 enum Gathering {
-    /// A main channel arrived: the wait starts again.
+    /// A multifd main channel arrived: the gather timer starts again.
     Progress,
+    /// A multifd migration has every channel.
     Complete(Complete),
+    /// A plain stream came first; the acceptor has stopped.
+    Plain([u8; 4], Incoming),
 }
 
-/// Reads one connection's hello (the rest of it when `first4` came already).
-fn hello_of(conn: &mut Incoming, first4: Option<[u8; 4]>) -> Result<Hello, ChannelRefused> {
-    let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT));
-    let magic = match first4 {
-        Some(m) => m,
-        None => read_magic(conn)?,
-    };
-    let h = read_hello(conn, magic);
-    let _ = conn.set_read_timeout(None);
-    h
+/// What a connection's first bytes say it is.
+enum Opening {
+    /// A multifd hello (`PCMF`).
+    Hello(Hello),
+    /// A plain migration stream (`QEVM`): its first four bytes.
+    Plain([u8; 4]),
 }
+
+/// Reads the first bytes of a connection, at most [`HELLO_TIMEOUT`]: a whole hello after
+/// `PCMF`, four bytes otherwise.
+fn opening_of(conn: &mut Incoming) -> Result<Opening, ChannelRefused> {
+    let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT));
+    let r = read_magic(conn).and_then(|m| match u32::from_be_bytes(m) {
+        MULTIFD_MAGIC => read_hello(conn, m).map(Opening::Hello),
+        FILE_MAGIC => Ok(Opening::Plain(m)),
+        found => Err(ChannelRefused::NotAMigration { found }),
+    });
+    let _ = conn.set_read_timeout(None);
+    r
+}
+
+/// A reader thread's result: its id, what it read, the connection.
+type Opened1 = (u64, Result<Opening, ChannelRefused>, Incoming);
+
+/// The connections whose first bytes are being read, by reader id: each reader takes
+/// itself out (and sends its result) under this lock, so when accepting stops every
+/// reader is either still here (its connection is shut down and refused as
+/// [`ChannelRefused::Late`]) or its result is in the channel.
+type InFlight = Arc<Mutex<HashMap<u64, AbortHandle>>>;
 
 fn accept_loop(
     listener: IncomingListener,
-    first: (Incoming, [u8; 4]),
     stop: &AtomicBool,
-    refused: &Mutex<Vec<ChannelRefused>>,
+    refusals: &Refusals,
     tx: mpsc::Sender<Gathering>,
 ) {
-    let refuse = |e: ChannelRefused| lock(refused).push(e);
     let mut m = Matcher::default();
-    let (htx, hrx) = mpsc::channel::<(Result<Hello, ChannelRefused>, Incoming)>();
-    let readers = Arc::new(AtomicU64::new(0));
-    let spawn_reader = |mut conn: Incoming, first4: Option<[u8; 4]>| {
-        if readers.load(Ordering::Relaxed) >= MAX_HELLO_READERS {
-            refuse(ChannelRefused::TooMany);
+    let (otx, orx) = mpsc::channel::<Opened1>();
+    let in_flight: InFlight = Arc::default();
+    let mut next_id = 0u64;
+    let mut spawn_reader = |mut conn: Incoming| {
+        if lock(&in_flight).len() as u64 >= MAX_HELLO_READERS {
+            refusals.push(ChannelRefused::TooMany);
             return;
         }
-        readers.fetch_add(1, Ordering::Relaxed);
-        let (htx, readers) = (htx.clone(), Arc::clone(&readers));
+        let id = next_id;
+        next_id += 1;
+        lock(&in_flight).insert(id, conn.abort_handle());
+        let (otx, flight) = (otx.clone(), Arc::clone(&in_flight));
         let spawned = thread::Builder::new()
-            .name("multifd-hello".into())
+            .name("migration-hello".into())
             .spawn(move || {
-                let h = hello_of(&mut conn, first4);
-                readers.fetch_sub(1, Ordering::Relaxed);
-                let _ = htx.send((h, conn));
+                let r = opening_of(&mut conn);
+                let mut f = lock(&flight);
+                if f.remove(&id).is_some() {
+                    let _ = otx.send((id, r, conn));
+                }
             });
         if spawned.is_err() {
-            refuse(ChannelRefused::TooMany);
+            lock(&in_flight).remove(&id);
+            refusals.push(ChannelRefused::TooMany);
         }
     };
-    spawn_reader(first.0, Some(first.1));
-    while !stop.load(Ordering::Relaxed) {
+    'accepting: while !stop.load(Ordering::Relaxed) {
         let mut idle = true;
-        while let Ok((h, conn)) = hrx.try_recv() {
+        while let Ok((_, r, conn)) = orx.try_recv() {
             idle = false;
-            let h = match h {
-                Ok(h) => h,
-                Err(e) => {
-                    refuse(e);
-                    continue;
+            match r {
+                Err(e) => refusals.push(e),
+                Ok(Opening::Plain(magic)) => {
+                    if m.chosen.is_some() || m.has_main() {
+                        refusals.push(ChannelRefused::PlainStream);
+                        continue;
+                    }
+                    for e in m.refuse_all() {
+                        refusals.push(e);
+                    }
+                    let _ = tx.send(Gathering::Plain(magic, conn));
+                    break 'accepting;
                 }
-            };
-            if h.index == 0 && m.chosen.is_none() {
-                let _ = tx.send(Gathering::Progress);
-            }
-            let (refusals, complete) = m.offer(h, conn);
-            for e in refusals {
-                refuse(e);
-            }
-            if let Some(c) = complete {
-                let _ = tx.send(Gathering::Complete(c));
+                Ok(Opening::Hello(h)) => {
+                    if h.index == 0 && m.chosen.is_none() {
+                        let _ = tx.send(Gathering::Progress);
+                    }
+                    let (refusals_now, complete) = m.offer(h, conn);
+                    for e in refusals_now {
+                        refusals.push(e);
+                    }
+                    if let Some(c) = complete {
+                        let _ = tx.send(Gathering::Complete(c));
+                    }
+                }
             }
         }
         match listener.accept_next(true) {
             Ok(Some(conn)) => {
                 idle = false;
-                spawn_reader(conn, None);
+                spawn_reader(conn);
             }
             Ok(None) => {}
             Err(_) => thread::sleep(Duration::from_millis(20)),
@@ -436,6 +596,23 @@ fn accept_loop(
         }
     }
     listener.close();
+    // Connections still saying what they are: shut down and refused. Results sent before
+    // are drained: they came too late as well.
+    let late: Vec<AbortHandle> = lock(&in_flight).drain().map(|(_, h)| h).collect();
+    for h in late {
+        h.abort();
+        refusals.push(ChannelRefused::Late);
+    }
+    while let Ok((_, r, _)) = orx.try_recv() {
+        refusals.push(match r {
+            Err(e) => e,
+            Ok(Opening::Hello(h)) if m.chosen.is_some() => m.refusal_after(&h),
+            Ok(_) => ChannelRefused::Late,
+        });
+    }
+    for e in m.refuse_all() {
+        refusals.push(e);
+    }
 }
 
 /// The RAM target seen by the main channel's [`Loader`] while page channels write it:

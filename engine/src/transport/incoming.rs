@@ -112,6 +112,12 @@ impl IncomingListener {
         })
     }
 
+    /// Whether this listener accepts connections one after another (`tcp:`, `unix:`)
+    /// rather than holding one stream ready (`file:`, `exec:`, `fd:`).
+    pub fn accepts_many(&self) -> bool {
+        !matches!(self.kind, ListenKind::Ready(_))
+    }
+
     /// The URI a source should use, with the bound port filled in for `tcp:` (e.g.
     /// `tcp:127.0.0.1:40123` after binding `tcp:127.0.0.1:0`).
     pub fn local_uri(&self) -> String {
