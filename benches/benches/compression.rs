@@ -158,10 +158,10 @@ fn model_ns(enc_ns: u64, wire: u64, gbit: f64, cores: usize) -> f64 {
 
 /// `auto` replayed through the selector as the engine runs it: (encode ns spent, wire
 /// bytes) for the corpus. Every page's [`Hint`] is computed first (its cost counted).
-/// With one core the selector is serial ([`Selector::set_serial`]), as the engine's
-/// sequential path (one encoding shard) sets it. On a hit the engine makes the XBZRLE delta only when XBZRLE is
-/// chosen or probed; else it compares and copies the page into the cache (charged as
-/// one page copy, `none`'s measured cost).
+/// The selector is not serial ([`Selector::set_serial`]): the engine sets that only
+/// without a rate limit, and every column here is a link of a given rate. On a hit the
+/// engine makes the XBZRLE delta only when XBZRLE is chosen or probed; else it compares
+/// and copies the page into the cache (charged as one page copy, `none`'s measured cost).
 fn replay_auto(
     costs: &[[Cost; 4]],
     has_old: &[bool],
@@ -178,8 +178,9 @@ fn replay_auto(
         DEFAULT_PROBE_MAX,
         AUTO_CANDIDATES,
     );
-    // One core: the engine's sequential path, where the thread that encodes also writes.
-    s.set_serial(cores == 1);
+    // A modelled link of a given rate is the engine with `max-bandwidth` set: the
+    // serial rule (unlimited loopback, the receiver on the same cores) is off there.
+    s.set_serial(false);
     let (mut enc, mut wire) = (0u64, 0u64);
     for ((row, &hit), &hint) in costs.iter().zip(has_old).zip(hints) {
         let (e0, w0) = (enc, wire);

@@ -160,8 +160,9 @@ impl Compression {
                 DEFAULT_PROBE_MAX,
                 AUTO_CANDIDATES,
             );
-            // One shard: the thread that encodes also writes.
-            s.set_serial(shards == 1);
+            // One shard: the thread that encodes also writes, and without a rate limit
+            // its waits are the receiver's (see `Selector::set_serial`).
+            s.set_serial(shards == 1 && params.max_bandwidth == 0);
             s
         });
         let overhead = (selector.is_some() && shards == 1)
@@ -741,9 +742,13 @@ impl Pipeline {
             rate = rate.min(max_bandwidth);
         }
         self.link_bandwidth = rate;
+        // `max-bandwidth` may have changed while migrating: a rate-limited sender's waits
+        // are sleeps, slack for the CPU; an unlimited one's are the receiver's.
+        let serial = self.shards.len() == 1 && max_bandwidth == 0;
         for s in &mut self.shards {
             if let Some(sel) = &mut s.comp.selector {
                 sel.set_bandwidth(rate);
+                sel.set_serial(serial);
             }
         }
     }
