@@ -115,8 +115,8 @@ pub(crate) struct MigrateArgs {
     /// Print the final query-migrate object as one JSON line, plus "verified": true or
     /// false when this process compared the destination RAM with the source (in-process
     /// destination or --to file:PATH; false also when the migration failed), null when an
-    /// external destination (e.g. `precopy incoming`) verifies and the source cannot know.
-    /// A failure before the migration started (bad URI or option, no guest, no connection)
+    /// external destination (e.g. `precopy incoming`) verifies and the source cannot know,
+    /// and "multifd-channels" (page channels, 0 for one stream). A failure before the migration started (bad URI or option, no guest, no connection)
     /// prints `{"status": "failed", "error-desc": ..., "verified": false}`.
     /// Exit status is non-zero only when the migration failed or verification was false.
     #[arg(long)]
@@ -155,8 +155,9 @@ pub(crate) struct IncomingArgs {
     /// records received by kind), `digest` (BLAKE3 of the RAM), `verified` (true, false, or
     /// null with --verify off), `device-state` (QEMU's device sections kept as bytes, null
     /// for our streams), `ram-files` (with --save-ram), `multifd-channels` (page channels
-    /// of a multifd source, 0 for one stream), `refused-connections` (why each stray or
-    /// duplicate connection to a multifd destination was refused).
+    /// of a multifd source, 0 for one stream), `refused-connections` (why each stray,
+    /// duplicate or non-migration connection was refused; each is also printed to stderr
+    /// as it happens, and the destination waits on for its source).
     #[arg(long)]
     pub(crate) json: bool,
     /// Write each received RAM block to DIR as a raw file named after the block (e.g.

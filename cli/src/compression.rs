@@ -41,6 +41,10 @@ pub(crate) fn print_page_compression(info: &MigrationInfo) {
     let Some(p) = &info.page_compression else {
         return;
     };
+    // Not asked for: nothing to say (as QEMU's `info migrate` says nothing of it).
+    if p.method == "none" && p.zstd.pages + p.zlib.pages == 0 {
+        return;
+    }
     println!("page compression: {}", p.method);
     for (name, s) in [
         ("none", &p.none),

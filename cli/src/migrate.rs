@@ -99,6 +99,13 @@ pub(crate) fn migrate_with<G: SourceGuest>(
     if args.json {
         let mut v = migrate_json(&info, verified);
         if let Some(o) = v.as_object_mut() {
+            // As `precopy incoming --json` says it: page channels, 0 for one stream.
+            let channels = if m.capabilities().multifd {
+                m.parameters().multifd_channels
+            } else {
+                0
+            };
+            o.insert("multifd-channels".into(), channels.into());
             guest.add_json(o);
             if let Some(why) = &verify_error {
                 o.entry(ERROR_KEY).or_insert_with(|| why.as_str().into());

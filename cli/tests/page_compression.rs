@@ -59,6 +59,15 @@ fn the_text_summary_has_a_line_per_method() {
 }
 
 #[test]
+fn a_migration_without_page_compression_says_nothing_of_it() {
+    let o = precopy(&["migrate", "--mem", "8M", "--dirty-rate", "0"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Migration status: completed"), "{out}");
+    assert!(!out.contains("page compression"), "{out}");
+}
+
+#[test]
 fn incoming_loads_a_zstd_stream_and_verifies_it() {
     let dir = std::env::temp_dir().join(format!("precopy-pc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -354,7 +354,10 @@ fn main() {
     if let (Some(s), Some(p)) = (
         get("encode scalar words25 hot"),
         get("encode word-loop words25 hot"),
-    ) {
+    ) && s > 0.0
+        && p.is_finite()
+        && s.is_finite()
+    {
         eprintln!(
             "limits: scalar vs word-loop on words25 (hot): {:.2}x faster",
             p / s

@@ -48,11 +48,11 @@
 //! The pages go on `multifd-channels` page connections beside the main one, in the layout
 //! of [`precopy_stream::multifd`]. The pipeline has one shard per page channel: page `p`
 //! (flat page index) is always on channel `1 + (p / 64) mod N` (runs of 64 pages), whose
-//! shard has its own XBZRLE cache
-//! of `xbzrle-cache-size / N` (resized in place with the rest), its own compressor and
-//! encoder state. A batch of dirty pages (up to 512 per channel) is split by shard and
-//! each shard copies, encodes and writes its records on its own thread, one per channel. The main channel carries the
-//! header, MEM_SIZE, the sync points, the device state, EOF and the VM description.
+//! shard has its own XBZRLE cache of `xbzrle-cache-size / N` bytes, at least one page
+//! (resized in place with the rest), its own compressor and encoder state. A batch of
+//! dirty pages (up to 512 per channel) is split by shard and each shard copies, encodes
+//! and writes its records on its own thread, one per channel. The main channel carries
+//! the header, MEM_SIZE, the sync points, the device state, EOF and the VM description.
 //!
 //! **Ordering.** A page sent twice goes twice on the same connection, so its copies (and
 //! the XBZRLE deltas between them) arrive in order. On top of that, at the end of every
