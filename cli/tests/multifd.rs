@@ -58,6 +58,7 @@ fn migrate_with_multifd_to_precopy_incoming_over_unix() {
     assert_eq!(d["status"], "completed", "{d}");
     assert_eq!(d["verified"], true, "{d}");
     assert_eq!(d["multifd-channels"], 3, "{d}");
+    assert_eq!(s["multifd-channels"], 3, "{s}");
     assert_eq!(
         d["bytes"], s["ram"]["transferred"],
         "every byte sent was read"
@@ -67,6 +68,57 @@ fn migrate_with_multifd_to_precopy_incoming_over_unix() {
         "{s}"
     );
     assert!(src.status.success() && dest.status.success());
+}
+
+/// A stray that sends garbage to a waiting `precopy incoming` is refused and said on
+/// stderr at once; the destination waits on, and the real source's migration lands.
+#[test]
+fn incoming_refuses_a_garbage_stray_and_waits_for_its_source() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let sock: PathBuf =
+        std::env::temp_dir().join(format!("precopy-stray-{}.sock", std::process::id()));
+    let uri = format!("unix:{}", sock.display());
+    let mut dest = precopy()
+        .args(["incoming", &uri, "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut stray = UnixStream::connect(&sock).unwrap();
+    stray.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").unwrap();
+    // The refusal is said before any source came: read stderr up to it.
+    let mut err = BufReader::new(dest.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !seen.contains("refused a connection") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "stderr ended: {seen}"
+        );
+        seen.push_str(&line);
+    }
+    assert!(seen.contains("first four bytes 0x5353482d"), "{seen}");
+    let src = precopy()
+        .args(["migrate", "--mem", "16M", "--to", &uri, "--json"])
+        .output()
+        .unwrap();
+    let dest = dest.wait_with_output().unwrap();
+    let s = json(&src);
+    let d = json(&dest);
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["multifd-channels"], 0, "{s}");
+    assert_eq!(d["status"], "completed", "{d}");
+    assert_eq!(d["verified"], true, "{d}");
+    let refused = d["refused-connections"].as_array().unwrap();
+    assert_eq!(refused.len(), 1, "{d}");
+    drop(stray);
 }
 
 #[test]

@@ -287,6 +287,24 @@ fn cancel_in_setup_and_while_active_leaves_the_source_running() {
         let info = m.wait().unwrap();
         assert_eq!(info.status, MigrationStatus::Cancelled, "{info:?}");
         assert!(g.is_running());
+        // In setup every hello was sent at connect, so the destination normally had the
+        // whole set and fails on the cut channels. Had it seen the main channel close
+        // before the last hello, it dropped the attempt as abandoned and waits for a
+        // source: a retry then lands on it.
+        for _ in 0..500 {
+            if d.thread.is_finished() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !wait_active && !d.thread.is_finished() {
+            assert_eq!(d.state.status(), MigrationStatus::Setup);
+            let m2 = multifd_migrator(g.clone(), true, 2);
+            m2.start(&d.uri).unwrap();
+            completed(&m2.wait().unwrap());
+            assert_same(&g, &d.thread.join().unwrap().unwrap());
+            continue;
+        }
         assert!(d.thread.join().unwrap().is_err());
     }
 }
@@ -578,6 +596,36 @@ fn garbage_and_cut_connections_before_the_source_are_refused() {
         assert!(refused.contains(&want), "{want:?} not in {refused:?}");
     }
     drop(garbage);
+}
+
+/// A multifd source that gave up while connecting (its main channel and one of two page
+/// channels connected, then closed) does not hold the destination: its connections are
+/// dropped as abandoned, and a retry with one stream is accepted and lands.
+#[test]
+fn an_abandoned_multifd_attempt_does_not_hold_the_destination() {
+    let g = sim(SimWorkload::HotSet, 4, 2000, 67);
+    let m = migrator(g.clone(), true, true);
+    let d = destination();
+    let addr = d.uri.strip_prefix("tcp:").unwrap().to_owned();
+    let mut main = TcpStream::connect(&addr).unwrap();
+    main.write_all(&hello([7; 16], 0, 2)).unwrap();
+    let mut page = TcpStream::connect(&addr).unwrap();
+    page.write_all(&hello([7; 16], 1, 2)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop((main, page));
+    m.start(&d.uri).unwrap();
+    completed(&m.wait().unwrap());
+    let r = d.thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    assert_eq!(r.multifd_channels, 0);
+    for index in [0, 1] {
+        assert!(
+            r.refused_connections
+                .contains(&ChannelRefused::Abandoned { index }),
+            "{:?}",
+            r.refused_connections
+        );
+    }
 }
 
 /// While a multifd migration runs, a plain stream is refused as such.

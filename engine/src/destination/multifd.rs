@@ -90,6 +90,15 @@ pub enum ChannelRefused {
         "refused a connection: a plain migration stream while a multifd migration is under way"
     )]
     PlainStream,
+    /// A channel waiting for the rest of its migration closed (its source gave up); the
+    /// destination waits on for a source.
+    #[error(
+        "refused multifd channel {index}: it closed while waiting for its migration's other channels"
+    )]
+    Abandoned {
+        /// Its channel index.
+        index: u16,
+    },
     /// It had not said what it is when the destination stopped accepting (the migration
     /// had begun or ended); it was shut down.
     #[error(
@@ -220,6 +229,9 @@ const MAX_PENDING: usize = 1024;
 /// never refused while the first ones are still being read.
 const MAX_HELLO_READERS: u64 = 2 * (precopy_stream::multifd::MAX_CHANNELS as u64 + 1);
 
+/// How often connections waiting for their migration are checked for a closed peer.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
 /// The connections of one candidate migration (one id) while gathering.
 #[derive(Default)]
 struct Candidate {
@@ -251,6 +263,28 @@ impl Matcher {
                 refused.push(ChannelRefused::OtherMigration { index: p.index });
             }
         }
+        refused
+    }
+
+    /// Drops the waiting connections whose peer closed: a source that gave up (cancelled
+    /// while connecting, or one of its channels failed) must not hold the destination.
+    fn drop_closed(&mut self) -> Vec<ChannelRefused> {
+        let mut refused = Vec::new();
+        for c in self.cands.values_mut() {
+            if c.main.as_ref().is_some_and(|(_, conn)| conn.peer_closed()) {
+                refused.push(ChannelRefused::Abandoned { index: 0 });
+                c.main = None;
+            }
+            c.pages.retain(|&i, (_, conn)| {
+                let closed = conn.peer_closed();
+                if closed {
+                    refused.push(ChannelRefused::Abandoned { index: i });
+                }
+                !closed
+            });
+        }
+        self.cands
+            .retain(|_, c| c.main.is_some() || !c.pages.is_empty());
         refused
     }
 
@@ -441,6 +475,7 @@ pub(super) fn accept_source(
         };
         match got {
             Ok(Gathering::Progress) => deadline = Some(Instant::now() + GATHER_TIMEOUT),
+            Ok(Gathering::Idle) => deadline = None,
             Ok(Gathering::Complete((hello, main, channels))) => {
                 return Ok(Opened::Multifd(Gathered {
                     hello,
@@ -483,6 +518,8 @@ type Complete = (Hello, Incoming, Vec<Incoming>);
 enum Gathering {
     /// A multifd main channel arrived: the gather timer starts again.
     Progress,
+    /// No multifd main channel waits any more (they closed): no time limit again.
+    Idle,
     /// A multifd migration has every channel.
     Complete(Complete),
     /// A plain stream came first; the acceptor has stopped.
@@ -552,13 +589,32 @@ fn accept_loop(
             refusals.push(ChannelRefused::TooMany);
         }
     };
+    // Drops waiting connections that closed; says when no main channel waits any more.
+    let sweep = |m: &mut Matcher| {
+        let had_main = m.has_main();
+        for e in m.drop_closed() {
+            refusals.push(e);
+        }
+        if had_main && !m.has_main() {
+            let _ = tx.send(Gathering::Idle);
+        }
+    };
+    let mut last_sweep = Instant::now();
     'accepting: while !stop.load(Ordering::Relaxed) {
         let mut idle = true;
+        if m.chosen.is_none() && last_sweep.elapsed() >= SWEEP_EVERY {
+            sweep(&mut m);
+            last_sweep = Instant::now();
+        }
         while let Ok((_, r, conn)) = orx.try_recv() {
             idle = false;
             match r {
                 Err(e) => refusals.push(e),
                 Ok(Opening::Plain(magic)) => {
+                    if m.chosen.is_none() && m.has_main() {
+                        // A source that gave up and retries with one stream.
+                        sweep(&mut m);
+                    }
                     if m.chosen.is_some() || m.has_main() {
                         refusals.push(ChannelRefused::PlainStream);
                         continue;

@@ -217,6 +217,38 @@ impl Incoming {
         }
     }
 
+    /// Whether the peer has closed (or reset) the connection, without reading or
+    /// waiting: bytes not yet read, or nothing yet, count as open. Sockets only; false
+    /// for files and pipes.
+    pub fn peer_closed(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match &self.kind {
+            InKind::Tcp(s) => s.as_raw_fd(),
+            InKind::Unix(s) => s.as_raw_fd(),
+            _ => return false,
+        };
+        let mut b = [0u8; 1];
+        // SAFETY: `fd` is this connection's open socket (borrowed from `self` for the
+        // call); `b` is a valid 1-byte buffer; MSG_PEEK leaves the byte in the socket and
+        // MSG_DONTWAIT makes the call return at once, so the stream is not disturbed.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => true,
+            n if n > 0 => false,
+            _ => !matches!(
+                io::Error::last_os_error().kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ),
+        }
+    }
+
     /// A handle that shuts the connection down from another thread, so a blocked read
     /// returns (sockets only; a no-op for files and pipes).
     pub fn abort_handle(&self) -> super::AbortHandle {
