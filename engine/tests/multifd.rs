@@ -628,6 +628,37 @@ fn an_abandoned_multifd_attempt_does_not_hold_the_destination() {
     }
 }
 
+/// A stray main-channel hello that stays open, whose page channels never come, is dropped
+/// after the gather timeout: it neither fails the destination nor keeps a plain-stream
+/// source out for good.
+#[test]
+fn an_incomplete_multifd_attempt_is_dropped_after_the_gather_timeout() {
+    let g = sim(SimWorkload::HotSet, 4, 2000, 71);
+    let m = migrator(g.clone(), true, true);
+    let l = IncomingListener::bind("tcp:127.0.0.1:0").unwrap();
+    let uri = l.local_uri();
+    let addr = uri.strip_prefix("tcp:").unwrap().to_owned();
+    let waited = Duration::from_millis(300);
+    let d = Destination::new().with_gather_timeout(waited);
+    let d2 = d.clone();
+    let thread = std::thread::spawn(move || d2.accept_and_receive(l, Limits::default()));
+    let mut stray = TcpStream::connect(&addr).unwrap();
+    stray.write_all(&hello([5; 16], 0, 2)).unwrap();
+    std::thread::sleep(waited * 3);
+    assert!(!thread.is_finished(), "the stray failed the destination");
+    m.start(&uri).unwrap();
+    completed(&m.wait().unwrap());
+    let r = thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    assert!(
+        r.refused_connections
+            .contains(&ChannelRefused::Incomplete { index: 0, waited }),
+        "{:?}",
+        r.refused_connections
+    );
+    drop(stray);
+}
+
 /// While a multifd migration runs, a plain stream is refused as such.
 #[test]
 fn a_plain_stream_during_a_multifd_migration_is_refused() {

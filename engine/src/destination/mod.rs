@@ -139,6 +139,7 @@ pub struct Destination {
     bytes: Arc<AtomicU64>,
     verify: bool,
     refusals: multifd::Refusals,
+    gather_timeout: std::time::Duration,
 }
 
 impl Default for Destination {
@@ -187,6 +188,7 @@ impl Destination {
             bytes: Arc::new(AtomicU64::new(0)),
             verify: true,
             refusals: multifd::Refusals::default(),
+            gather_timeout: GATHER_TIMEOUT,
         }
     }
 
@@ -195,6 +197,14 @@ impl Destination {
     /// and [`Received::verified`] is false.
     pub fn with_verify(mut self, verify: bool) -> Destination {
         self.verify = verify;
+        self
+    }
+
+    /// How long a multifd migration's connections wait, from the first, for the rest to
+    /// connect before they are refused and the destination waits on (default
+    /// [`GATHER_TIMEOUT`], 60 s).
+    pub fn with_gather_timeout(mut self, timeout: std::time::Duration) -> Destination {
+        self.gather_timeout = timeout;
         self
     }
 
@@ -294,7 +304,7 @@ impl Destination {
             return self.first_of_one(listener);
         }
         Ok(
-            match multifd::accept_source(listener, self.refusals.clone())? {
+            match multifd::accept_source(listener, self.refusals.clone(), self.gather_timeout)? {
                 multifd::Opened::Plain(magic, conn, refused) => First::Single(
                     Box::new(io::Cursor::new(magic.to_vec()).chain(conn)),
                     refused,

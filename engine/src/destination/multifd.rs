@@ -12,9 +12,11 @@
 //! every channel. A connection that does not fit — silent, closed before its fourth byte,
 //! neither `QEVM` nor `PCMF`, a bad hello, another migration's id, another channel count, a
 //! channel index already taken — is refused ([`ChannelRefused`]) and closed, and the wait
-//! or the migration goes on; after every channel arrived, any further connection is
-//! refused the same way until the migration ends, and one still silent then is refused as
-//! [`ChannelRefused::Late`].
+//! or the migration goes on. A migration still incomplete [`GATHER_TIMEOUT`] after its
+//! first connection, or whose waiting connections closed, is dropped the same way, so
+//! nothing before a migration's stream starts fails the destination. After every channel
+//! arrived, any further connection is refused until the migration ends, and one still
+//! silent then is refused as [`ChannelRefused::Late`].
 //!
 //! # Loading
 //!
@@ -51,8 +53,11 @@ use crate::transport::{AbortHandle, Incoming, IncomingListener};
 
 /// How long a connection may take to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the destination waits, after the first hello, for every channel of the
-/// migration to connect.
+/// How long a multifd migration's connections wait, from the first of them, for the rest
+/// to connect, unless set with
+/// [`Destination::with_gather_timeout`](super::Destination::with_gather_timeout); then
+/// they are refused ([`ChannelRefused::Incomplete`]) and the destination waits on for a
+/// source.
 pub const GATHER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a connection to a multifd destination was refused (the migration goes on).
@@ -90,6 +95,17 @@ pub enum ChannelRefused {
         "refused a connection: a plain migration stream while a multifd migration is under way"
     )]
     PlainStream,
+    /// Its migration's other channels did not all connect within the gather timeout
+    /// ([`GATHER_TIMEOUT`] by default) of its first; the destination waits on for a source.
+    #[error(
+        "refused multifd channel {index}: its migration's other channels did not all connect within {waited:?}"
+    )]
+    Incomplete {
+        /// Its channel index.
+        index: u16,
+        /// The gather timeout.
+        waited: Duration,
+    },
     /// A channel waiting for the rest of its migration closed (its source gave up); the
     /// destination waits on for a source.
     #[error(
@@ -233,17 +249,19 @@ const MAX_HELLO_READERS: u64 = 2 * (precopy_stream::multifd::MAX_CHANNELS as u64
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 /// The connections of one candidate migration (one id) while gathering.
-#[derive(Default)]
 struct Candidate {
     main: Option<(Hello, Incoming)>,
     pages: BTreeMap<u16, (Hello, Incoming)>,
+    /// When its first connection came.
+    since: Instant,
 }
 
 /// Matches hellos to migrations: several ids may gather at once (a stray hello must not
 /// take the destination over); the first whose main channel and every page channel
 /// arrived is the migration, every other connection is then refused.
-#[derive(Default)]
 struct Matcher {
+    /// How long a candidate may wait for its channels.
+    gather_timeout: Duration,
     cands: HashMap<[u8; 16], Candidate>,
     /// The migration once complete: its id and page-channel count.
     chosen: Option<([u8; 16], u16)>,
@@ -266,10 +284,24 @@ impl Matcher {
         refused
     }
 
-    /// Drops the waiting connections whose peer closed: a source that gave up (cancelled
-    /// while connecting, or one of its channels failed) must not hold the destination.
-    fn drop_closed(&mut self) -> Vec<ChannelRefused> {
+    /// Drops the waiting connections whose peer closed, and the migrations whose channels
+    /// did not all come within the gather timeout: a source that gave up (cancelled while
+    /// connecting, or one of its channels failed) or a stray hello must not hold the
+    /// destination.
+    fn drop_stale(&mut self) -> Vec<ChannelRefused> {
         let mut refused = Vec::new();
+        self.cands.retain(|_, c| {
+            if c.since.elapsed() < self.gather_timeout {
+                return true;
+            }
+            for (p, _) in c.main.iter().chain(c.pages.values()) {
+                refused.push(ChannelRefused::Incomplete {
+                    index: p.index,
+                    waited: self.gather_timeout,
+                });
+            }
+            false
+        });
         for c in self.cands.values_mut() {
             if c.main.as_ref().is_some_and(|(_, conn)| conn.peer_closed()) {
                 refused.push(ChannelRefused::Abandoned { index: 0 });
@@ -321,7 +353,14 @@ impl Matcher {
         if self.pending() >= MAX_PENDING {
             return (vec![ChannelRefused::TooMany], None);
         }
-        let c = self.cands.entry(h.migration_id).or_default();
+        let c = self
+            .cands
+            .entry(h.migration_id)
+            .or_insert_with(|| Candidate {
+                main: None,
+                pages: BTreeMap::new(),
+                since: Instant::now(),
+            });
         let mut refused = Vec::new();
         if h.index == 0 {
             if c.main.is_some() {
@@ -440,13 +479,15 @@ pub(super) enum Opened {
 /// are neither `QEVM` nor `PCMF`, a bad hello, a hello that does not fit. The destination
 /// waits for its source without a time limit, like QEMU's `-incoming`.
 ///
-/// Errors: [`IncomingError::Multifd`] when, after a multifd main channel arrived, no
-/// migration had its main channel and every page channel connected within
-/// [`GATHER_TIMEOUT`] of the last main channel's hello (the message lists the connections
-/// refused meanwhile), or the acceptor thread could not start.
+/// A multifd migration whose channels have not all connected within `gather_timeout` of
+/// its first, or whose waiting connections close, is dropped the same way: no connection
+/// before the migration's stream starts can fail the destination.
+///
+/// Errors: [`IncomingError::Multifd`] when the acceptor thread cannot start or stops.
 pub(super) fn accept_source(
     listener: IncomingListener,
     refusals: Refusals,
+    gather_timeout: Duration,
 ) -> Result<Opened, IncomingError> {
     let stop = Arc::new(AtomicBool::new(false));
     let from = refusals.len();
@@ -455,7 +496,7 @@ pub(super) fn accept_source(
         let (stop, refusals) = (Arc::clone(&stop), refusals.clone());
         thread::Builder::new()
             .name("migration-accept".into())
-            .spawn(move || accept_loop(listener, &stop, &refusals, tx))
+            .spawn(move || accept_loop(listener, &stop, &refusals, gather_timeout, tx))
             .map_err(|e| IncomingError::Multifd {
                 why: format!("cannot start the acceptor thread: {e}"),
             })?
@@ -466,48 +507,31 @@ pub(super) fn accept_source(
         from,
         thread: Some(thread),
     };
-    // No limit until a multifd main channel arrives.
-    let mut deadline: Option<Instant> = None;
-    loop {
-        let got = match deadline {
-            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
-        };
-        match got {
-            Ok(Gathering::Progress) => deadline = Some(Instant::now() + GATHER_TIMEOUT),
-            Ok(Gathering::Idle) => deadline = None,
-            Ok(Gathering::Complete((hello, main, channels))) => {
-                return Ok(Opened::Multifd(Gathered {
-                    hello,
-                    main,
-                    channels,
-                    acceptor,
-                }));
-            }
-            Ok(Gathering::Plain(magic, conn)) => {
-                let refused = acceptor.finish();
-                return Ok(Opened::Plain(magic, conn, refused));
-            }
-            Err(e) => {
-                let refused = acceptor.finish();
-                let list: Vec<String> = refused.iter().map(ToString::to_string).collect();
-                let why = if e == mpsc::RecvTimeoutError::Timeout {
-                    format!(
-                        "no multifd migration had its main channel and every page channel \
-                         connected within {} s",
-                        GATHER_TIMEOUT.as_secs()
-                    )
-                } else {
-                    "the acceptor thread stopped".to_owned()
-                };
-                return Err(IncomingError::Multifd {
-                    why: if list.is_empty() {
-                        why
+    // The acceptor sends once, when a source came, or drops its end when it stops.
+    match rx.recv() {
+        Ok(Gathering::Complete((hello, main, channels))) => Ok(Opened::Multifd(Gathered {
+            hello,
+            main,
+            channels,
+            acceptor,
+        })),
+        Ok(Gathering::Plain(magic, conn)) => {
+            let refused = acceptor.finish();
+            Ok(Opened::Plain(magic, conn, refused))
+        }
+        Err(_) => {
+            let refused = acceptor.finish();
+            let list: Vec<String> = refused.iter().map(ToString::to_string).collect();
+            Err(IncomingError::Multifd {
+                why: format!(
+                    "the acceptor thread stopped before a source came (refused: {})",
+                    if list.is_empty() {
+                        "none".to_owned()
                     } else {
-                        format!("{why} ({})", list.join("; "))
-                    },
-                });
-            }
+                        list.join("; ")
+                    }
+                ),
+            })
         }
     }
 }
@@ -516,10 +540,6 @@ type Complete = (Hello, Incoming, Vec<Incoming>);
 
 /// What the acceptor tells [`accept_source`].
 enum Gathering {
-    /// A multifd main channel arrived: the gather timer starts again.
-    Progress,
-    /// No multifd main channel waits any more (they closed): no time limit again.
-    Idle,
     /// A multifd migration has every channel.
     Complete(Complete),
     /// A plain stream came first; the acceptor has stopped.
@@ -560,9 +580,14 @@ fn accept_loop(
     listener: IncomingListener,
     stop: &AtomicBool,
     refusals: &Refusals,
+    gather_timeout: Duration,
     tx: mpsc::Sender<Gathering>,
 ) {
-    let mut m = Matcher::default();
+    let mut m = Matcher {
+        gather_timeout,
+        cands: HashMap::new(),
+        chosen: None,
+    };
     let (otx, orx) = mpsc::channel::<Opened1>();
     let in_flight: InFlight = Arc::default();
     let mut next_id = 0u64;
@@ -589,14 +614,10 @@ fn accept_loop(
             refusals.push(ChannelRefused::TooMany);
         }
     };
-    // Drops waiting connections that closed; says when no main channel waits any more.
+    // Drops waiting connections that closed or waited too long.
     let sweep = |m: &mut Matcher| {
-        let had_main = m.has_main();
-        for e in m.drop_closed() {
+        for e in m.drop_stale() {
             refusals.push(e);
-        }
-        if had_main && !m.has_main() {
-            let _ = tx.send(Gathering::Idle);
         }
     };
     let mut last_sweep = Instant::now();
@@ -626,9 +647,6 @@ fn accept_loop(
                     break 'accepting;
                 }
                 Ok(Opening::Hello(h)) => {
-                    if h.index == 0 && m.chosen.is_none() {
-                        let _ = tx.send(Gathering::Progress);
-                    }
                     let (refusals_now, complete) = m.offer(h, conn);
                     for e in refusals_now {
                         refusals.push(e);
