@@ -659,6 +659,110 @@ fn an_incomplete_multifd_attempt_is_dropped_after_the_gather_timeout() {
     drop(stray);
 }
 
+/// Lets this process hold a few thousand sockets (the soft limit may be 1024).
+fn raise_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit for getrlimit to fill and setrlimit to read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// A stray main-channel hello held open, whose migration had no connection for
+/// [`HELLO_TIMEOUT`], is no multifd source connecting: a plain-stream source is taken.
+#[test]
+fn a_stray_main_hello_left_alone_does_not_keep_a_plain_source_out() {
+    let g = sim(SimWorkload::HotSet, 4, 2000, 73);
+    let m = migrator(g.clone(), true, true);
+    let d = destination();
+    let addr = d.uri.strip_prefix("tcp:").unwrap().to_owned();
+    let mut stray = TcpStream::connect(&addr).unwrap();
+    stray.write_all(&hello([3; 16], 0, 4)).unwrap();
+    std::thread::sleep(HELLO_TIMEOUT + Duration::from_millis(300));
+    m.start(&d.uri).unwrap();
+    completed(&m.wait().unwrap());
+    let r = d.thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    assert!(
+        r.refused_connections
+            .contains(&ChannelRefused::OtherMigration { index: 0 }),
+        "{:?}",
+        r.refused_connections
+    );
+    drop(stray);
+}
+
+/// More silent strays than hellos read at once, held open: the ones silent the longest
+/// give way, so a source that comes right after them lands (it used to be refused until
+/// they timed out).
+#[test]
+fn silent_strays_beyond_the_reader_cap_do_not_keep_a_source_out() {
+    raise_fd_limit();
+    let g = sim(SimWorkload::HotSet, 4, 2000, 79);
+    let m = multifd_migrator(g.clone(), true, 2);
+    let d = destination();
+    let addr = d.uri.strip_prefix("tcp:").unwrap().to_owned();
+    let strays: Vec<TcpStream> = (0..600)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    m.start(&d.uri).unwrap();
+    completed(&m.wait().unwrap());
+    let r = d.thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    let refused = &r.refused_connections;
+    assert!(refused.contains(&ChannelRefused::TooMany), "{refused:?}");
+    // Every stray is accounted for: made way, or still silent at the end.
+    assert_eq!(
+        refused
+            .iter()
+            .filter(|e| matches!(
+                e,
+                ChannelRefused::TooMany | ChannelRefused::Late | ChannelRefused::NoHello
+            ))
+            .count(),
+        600,
+        "{refused:?}"
+    );
+    drop(strays);
+}
+
+/// More page-channel hellos of other migrations than connections held, all open: the
+/// migrations that began longest ago give way to the source connecting now.
+#[test]
+fn page_hellos_beyond_the_pending_cap_do_not_keep_a_multifd_source_out() {
+    raise_fd_limit();
+    let g = sim(SimWorkload::HotSet, 4, 2000, 83);
+    let m = multifd_migrator(g.clone(), true, 2);
+    let d = destination();
+    let addr = d.uri.strip_prefix("tcp:").unwrap().to_owned();
+    let strays: Vec<TcpStream> = (0..1030u32)
+        .map(|i| {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(&hello(id, 1, 2)).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    m.start(&d.uri).unwrap();
+    completed(&m.wait().unwrap());
+    let r = d.thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    assert!(
+        r.refused_connections.contains(&ChannelRefused::TooMany),
+        "{:?}",
+        r.refused_connections
+    );
+    drop(strays);
+}
+
 /// While a multifd migration runs, a plain stream is refused as such.
 #[test]
 fn a_plain_stream_during_a_multifd_migration_is_refused() {

@@ -89,10 +89,10 @@ pub enum ChannelRefused {
         /// The first four bytes, big-endian.
         found: u32,
     },
-    /// A plain migration stream (`QEVM`) while a multifd migration is being accepted or
-    /// runs.
+    /// A plain migration stream (`QEVM`) while a multifd migration is connecting (a main
+    /// channel whose migration had a connection within [`HELLO_TIMEOUT`]) or runs.
     #[error(
-        "refused a connection: a plain migration stream while a multifd migration is under way"
+        "refused a connection: a plain migration stream while a multifd migration is connecting or running"
     )]
     PlainStream,
     /// Its migration's other channels did not all connect within the gather timeout
@@ -236,14 +236,16 @@ fn read_magic(conn: &mut Incoming) -> Result<[u8; 4], ChannelRefused> {
     Ok(b)
 }
 
-/// Most connections held while a migration gathers (page channels waiting for their main
-/// channel, hellos being read); more are refused ([`ChannelRefused::TooMany`]).
+/// Most connections held while migrations gather (channels waiting for the rest of their
+/// migration). Beyond it the migration whose first connection is the oldest is dropped
+/// ([`ChannelRefused::TooMany`]): a source connecting now beats strays held open.
 const MAX_PENDING: usize = 1024;
 
 /// Hellos read at once, one thread each: room for a whole migration at the most
-/// channels (255 + the main one) twice over, so a fast source's own connections are
-/// never refused while the first ones are still being read.
-const MAX_HELLO_READERS: u64 = 2 * (precopy_stream::multifd::MAX_CHANNELS as u64 + 1);
+/// channels (255 + the main one) twice over. Beyond it the connection silent the longest
+/// is shut down and refused ([`ChannelRefused::TooMany`]), so silent strays cannot keep a
+/// source out.
+const MAX_HELLO_READERS: usize = 2 * (precopy_stream::multifd::MAX_CHANNELS as usize + 1);
 
 /// How often connections waiting for their migration are checked for a closed peer.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
@@ -254,6 +256,8 @@ struct Candidate {
     pages: BTreeMap<u16, (Hello, Incoming)>,
     /// When its first connection came.
     since: Instant,
+    /// When its latest connection came.
+    last: Instant,
 }
 
 /// Matches hellos to migrations: several ids may gather at once (a stray hello must not
@@ -268,9 +272,14 @@ struct Matcher {
 }
 
 impl Matcher {
-    /// Whether a main channel waits for its page channels.
-    fn has_main(&self) -> bool {
-        self.cands.values().any(|c| c.main.is_some())
+    /// Whether a multifd source is connecting: a main channel waits for its page channels
+    /// and its migration had a connection within [`HELLO_TIMEOUT`] (a source opens all its
+    /// channels at once; a main hello left alone longer is no reason to turn a plain-stream
+    /// source away).
+    fn connecting(&self) -> bool {
+        self.cands
+            .values()
+            .any(|c| c.main.is_some() && c.last.elapsed() < HELLO_TIMEOUT)
     }
 
     /// Drops every waiting connection: the destination took another migration or stopped.
@@ -350,9 +359,30 @@ impl Matcher {
         if self.chosen.is_some() {
             return (vec![self.refusal_after(&h)], None);
         }
-        if self.pending() >= MAX_PENDING {
-            return (vec![ChannelRefused::TooMany], None);
+        // Room for it: the migrations that began longest ago give way.
+        let mut evicted = Vec::new();
+        while self.pending() >= MAX_PENDING {
+            let Some(oldest) = self
+                .cands
+                .iter()
+                .filter(|(id, _)| **id != h.migration_id)
+                .min_by_key(|(_, c)| c.since)
+                .map(|(id, _)| *id)
+            else {
+                return (vec![ChannelRefused::TooMany], None);
+            };
+            if let Some(c) = self.cands.remove(&oldest) {
+                let n = usize::from(c.main.is_some()) + c.pages.len();
+                evicted.extend(std::iter::repeat_n(ChannelRefused::TooMany, n));
+            }
         }
+        let (refused, complete) = self.place(h, conn);
+        evicted.extend(refused);
+        (evicted, complete)
+    }
+
+    /// [`offer`](Self::offer) once there is room.
+    fn place(&mut self, h: Hello, conn: Incoming) -> (Vec<ChannelRefused>, Option<Complete>) {
         let c = self
             .cands
             .entry(h.migration_id)
@@ -360,7 +390,9 @@ impl Matcher {
                 main: None,
                 pages: BTreeMap::new(),
                 since: Instant::now(),
+                last: Instant::now(),
             });
+        c.last = Instant::now();
         let mut refused = Vec::new();
         if h.index == 0 {
             if c.main.is_some() {
@@ -574,7 +606,7 @@ type Opened1 = (u64, Result<Opening, ChannelRefused>, Incoming);
 /// itself out (and sends its result) under this lock, so when accepting stops every
 /// reader is either still here (its connection is shut down and refused as
 /// [`ChannelRefused::Late`]) or its result is in the channel.
-type InFlight = Arc<Mutex<HashMap<u64, AbortHandle>>>;
+type InFlight = Arc<Mutex<BTreeMap<u64, AbortHandle>>>;
 
 fn accept_loop(
     listener: IncomingListener,
@@ -592,9 +624,16 @@ fn accept_loop(
     let in_flight: InFlight = Arc::default();
     let mut next_id = 0u64;
     let mut spawn_reader = |mut conn: Incoming| {
-        if lock(&in_flight).len() as u64 >= MAX_HELLO_READERS {
-            refusals.push(ChannelRefused::TooMany);
-            return;
+        // Room for it: the connection silent the longest gives way (its reader then
+        // ends, its result unsent).
+        {
+            let mut f = lock(&in_flight);
+            while f.len() >= MAX_HELLO_READERS {
+                if let Some((_, h)) = f.pop_first() {
+                    h.abort();
+                    refusals.push(ChannelRefused::TooMany);
+                }
+            }
         }
         let id = next_id;
         next_id += 1;
@@ -632,11 +671,11 @@ fn accept_loop(
             match r {
                 Err(e) => refusals.push(e),
                 Ok(Opening::Plain(magic)) => {
-                    if m.chosen.is_none() && m.has_main() {
+                    if m.chosen.is_none() && m.connecting() {
                         // A source that gave up and retries with one stream.
                         sweep(&mut m);
                     }
-                    if m.chosen.is_some() || m.has_main() {
+                    if m.chosen.is_some() || m.connecting() {
                         refusals.push(ChannelRefused::PlainStream);
                         continue;
                     }
@@ -672,7 +711,9 @@ fn accept_loop(
     listener.close();
     // Connections still saying what they are: shut down and refused. Results sent before
     // are drained: they came too late as well.
-    let late: Vec<AbortHandle> = lock(&in_flight).drain().map(|(_, h)| h).collect();
+    let late: Vec<AbortHandle> = std::mem::take(&mut *lock(&in_flight))
+        .into_values()
+        .collect();
     for h in late {
         h.abort();
         refusals.push(ChannelRefused::Late);
