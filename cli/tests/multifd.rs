@@ -16,10 +16,11 @@ fn precopy() -> Command {
     c
 }
 
-#[test]
-fn migrate_with_multifd_to_precopy_incoming_over_unix() {
+/// `precopy incoming unix:<tmp>/precopy-NAME-PID.sock --json`, once its socket exists:
+/// the process (stdout and stderr piped), the socket path, the URI.
+fn incoming_on_unix(name: &str) -> (std::process::Child, PathBuf, String) {
     let sock: PathBuf =
-        std::env::temp_dir().join(format!("precopy-multifd-{}.sock", std::process::id()));
+        std::env::temp_dir().join(format!("precopy-{name}-{}.sock", std::process::id()));
     let uri = format!("unix:{}", sock.display());
     let dest = precopy()
         .args(["incoming", &uri, "--json"])
@@ -32,6 +33,12 @@ fn migrate_with_multifd_to_precopy_incoming_over_unix() {
         assert!(t.elapsed() < Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(20));
     }
+    (dest, sock, uri)
+}
+
+#[test]
+fn migrate_with_multifd_to_precopy_incoming_over_unix() {
+    let (dest, _, uri) = incoming_on_unix("multifd");
     let src = precopy()
         .args([
             "migrate",
@@ -76,20 +83,7 @@ fn migrate_with_multifd_to_precopy_incoming_over_unix() {
 fn incoming_refuses_a_garbage_stray_and_waits_for_its_source() {
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
-    let sock: PathBuf =
-        std::env::temp_dir().join(format!("precopy-stray-{}.sock", std::process::id()));
-    let uri = format!("unix:{}", sock.display());
-    let mut dest = precopy()
-        .args(["incoming", &uri, "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut dest, sock, uri) = incoming_on_unix("stray");
     let mut stray = UnixStream::connect(&sock).unwrap();
     stray.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").unwrap();
     // The refusal is said before any source came: read stderr up to it.
