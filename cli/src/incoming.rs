@@ -32,6 +32,11 @@ pub(crate) fn run(args: IncomingArgs) -> ExitCode {
 
 /// `precopy incoming` into `guest`: the one path of every guest kind.
 pub(crate) fn receive<G: IncomingGuest>(args: &IncomingArgs, mut guest: G) -> ExitCode {
+    // A multifd source takes a connection per channel, and strays take theirs until they
+    // are refused: room for them beyond a soft limit of 1024 open files.
+    if let Err(e) = precopy_engine::transport::raise_open_files_limit() {
+        eprintln!("precopy incoming: warning: cannot raise the open files limit: {e}");
+    }
     let l = match IncomingListener::bind(&args.uri) {
         Ok(l) => l,
         Err(e) => return failed(args, &e.to_string(), 0),
@@ -52,7 +57,14 @@ pub(crate) fn receive<G: IncomingGuest>(args: &IncomingArgs, mut guest: G) -> Ex
     });
     let r = match d.accept_and_receive_into(l, limits, guest.ram()) {
         Ok(r) => r,
-        Err(e) => return failed(args, &e.to_string(), d.bytes_received()),
+        Err(e) => {
+            return failed_refused(
+                args,
+                &e.to_string(),
+                d.bytes_received(),
+                &d.refused_connections(),
+            );
+        }
     };
     // What is reported of the stream, taken before the guest takes its RAM.
     let mut v = completed_json(&r);
@@ -130,11 +142,28 @@ pub(crate) fn receive<G: IncomingGuest>(args: &IncomingArgs, mut guest: G) -> Ex
 /// Nothing usable was received: says why (stdout: the summary, or the JSON object with
 /// `error-desc` and the message on stderr too) and fails.
 pub(crate) fn failed(args: &IncomingArgs, why: &str, bytes: u64) -> ExitCode {
+    failed_refused(args, why, bytes, &[])
+}
+
+/// As [`failed`], after the destination refused `refused` (listed under
+/// `refused-connections` with --json).
+fn failed_refused(
+    args: &IncomingArgs,
+    why: &str,
+    bytes: u64,
+    refused: &[precopy_engine::ChannelRefused],
+) -> ExitCode {
     if args.json {
         eprintln!("precopy incoming: {why}");
         println!(
             "{}",
-            json!({ "status": "failed", ERROR_KEY: why, "bytes": bytes, "verified": false })
+            json!({
+                "status": "failed",
+                ERROR_KEY: why,
+                "bytes": bytes,
+                "verified": false,
+                "refused-connections": refused.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
         );
     } else {
         println!("Migration status: failed");

@@ -115,6 +115,88 @@ fn incoming_refuses_a_garbage_stray_and_waits_for_its_source() {
     drop(stray);
 }
 
+/// At a limit of 256 open files (below the destination's own caps), 150 silent strays
+/// and 150 page hellos of other migrations held open exhaust the descriptors: the oldest
+/// give way ("too many connections waiting"), so a 4-channel source still lands.
+#[test]
+fn incoming_out_of_file_descriptors_lets_the_oldest_strays_give_way() {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let uri = format!("tcp:{addr}");
+    let dest = Command::new("bash")
+        .args([
+            "-c",
+            "ulimit -Sn 256 && ulimit -Hn 256 && exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_precopy"),
+            "incoming",
+            &uri,
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let mut strays = Vec::new();
+    while strays.is_empty() {
+        match TcpStream::connect(&addr) {
+            Ok(s) => strays.push(s),
+            Err(_) => {
+                assert!(t.elapsed() < Duration::from_secs(30), "no listener");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    for i in 0..300u32 {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        if i % 2 == 0 {
+            // PCMF, version 1, an id of its own, page channel 1 of 2.
+            let mut h = b"PCMF\0\0\0\x01".to_vec();
+            h.extend_from_slice(&[0xee; 12]);
+            h.extend_from_slice(&i.to_be_bytes());
+            h.extend_from_slice(&[0, 1, 0, 2]);
+            s.write_all(&h).unwrap();
+        }
+        strays.push(s);
+    }
+    let src = precopy()
+        .args([
+            "migrate",
+            "--mem",
+            "16M",
+            "--multifd",
+            "on",
+            "--multifd-channels",
+            "4",
+            "--to",
+            &uri,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let dest = dest.wait_with_output().unwrap();
+    let s = json(&src);
+    let d = json(&dest);
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(d["status"], "completed", "{d}");
+    assert_eq!(d["verified"], true, "{d}");
+    let refused = d["refused-connections"].as_array().unwrap();
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.as_str().unwrap().contains("too many connections")),
+        "{d}"
+    );
+    drop(strays);
+}
+
 #[test]
 fn migrate_with_multifd_in_process_verifies_and_prints_the_channels() {
     for channels in ["1", "4"] {

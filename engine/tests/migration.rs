@@ -275,11 +275,6 @@ fn cancel_in_setup_leaves_source_running_and_a_new_migration_works() {
             MigrationStatus::Cancelled
         ]
     );
-    // The cancelled source closed its connection before it sent a byte: the destination
-    // refused it as no source and waits on, so the next migration can go to it.
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(!d.thread.is_finished(), "the destination gave up");
-    assert_eq!(d.state.status(), MigrationStatus::Setup);
     set(
         &m,
         ParameterUpdate {
@@ -287,13 +282,25 @@ fn cancel_in_setup_leaves_source_running_and_a_new_migration_works() {
             ..Default::default()
         },
     );
+    // The cancelled source may have written its file header or not. With it, the
+    // destination read a cut stream and failed; without a byte, it refused the connection
+    // as no source and waits on, so the next migration lands on it.
+    std::thread::sleep(Duration::from_millis(200));
+    if d.thread.is_finished() {
+        assert!(d.thread.join().unwrap().is_err(), "a cut stream");
+        second_migration_succeeds(&m, &g);
+        return;
+    }
+    assert_eq!(d.state.status(), MigrationStatus::Setup);
     m.start(&d.uri).unwrap();
     completed(&m.wait().unwrap());
     let r = d.thread.join().unwrap().unwrap();
     assert_same(&g, &r);
     assert!(
-        r.refused_connections
-            .contains(&precopy_engine::ChannelRefused::Closed { got: 0 }),
+        r.refused_connections.iter().any(|e| matches!(
+            e,
+            precopy_engine::ChannelRefused::Closed { got } if *got < 8
+        )),
         "{:?}",
         r.refused_connections
     );

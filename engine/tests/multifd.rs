@@ -763,6 +763,46 @@ fn page_hellos_beyond_the_pending_cap_do_not_keep_a_multifd_source_out() {
     drop(strays);
 }
 
+/// [`HELLO_TIMEOUT`] bounds a connection's whole opening, not each read: a stray that
+/// drips a hello a byte a second, and one that sends `QEVM` alone and holds on, are both
+/// refused as silent, and the source that comes after them is taken.
+#[test]
+fn slow_and_half_openings_are_refused_after_the_hello_timeout() {
+    let g = sim(SimWorkload::HotSet, 4, 2000, 89);
+    let m = migrator(g.clone(), true, true);
+    let d = destination();
+    let addr = d.uri.strip_prefix("tcp:").unwrap().to_owned();
+    let mut half = TcpStream::connect(&addr).unwrap();
+    half.write_all(b"QEVM").unwrap();
+    let drip_addr = addr.clone();
+    let drip = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(&drip_addr).unwrap();
+        for b in hello([4; 16], 0, 2) {
+            if s.write_all(&[b]).is_err() {
+                return true; // refused and shut down
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        false
+    });
+    std::thread::sleep(HELLO_TIMEOUT + Duration::from_millis(700));
+    m.start(&d.uri).unwrap();
+    completed(&m.wait().unwrap());
+    let r = d.thread.join().unwrap().unwrap();
+    assert_same(&g, &r);
+    assert_eq!(
+        r.refused_connections
+            .iter()
+            .filter(|e| **e == ChannelRefused::NoHello)
+            .count(),
+        2,
+        "{:?}",
+        r.refused_connections
+    );
+    drop(half);
+    drip.join().unwrap();
+}
+
 /// While a multifd migration runs, a plain stream is refused as such.
 #[test]
 fn a_plain_stream_during_a_multifd_migration_is_refused() {

@@ -246,6 +246,12 @@ impl Destination {
         self.refusals.subscribe()
     }
 
+    /// Every connection refused so far by this destination, in order (also after a
+    /// failed migration, which has no [`Received`]).
+    pub fn refused_connections(&self) -> Vec<ChannelRefused> {
+        self.refusals.since(0)
+    }
+
     /// Accept one source on `listener` and [`receive`](Destination::receive) from it.
     pub fn accept_and_receive(
         &self,

@@ -49,7 +49,7 @@ use precopy_stream::{
 use xbzrle::Page;
 
 use super::{Counting, IncomingError};
-use crate::transport::{AbortHandle, Incoming, IncomingListener};
+use crate::transport::{AbortHandle, Incoming, IncomingListener, TransportError};
 
 /// How long a connection may take to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -145,8 +145,9 @@ pub enum ChannelRefused {
         /// The channel index.
         index: u16,
     },
-    /// Too many connections were waiting (their hello, or their migration's other
-    /// channels) at once.
+    /// Too many connections were waiting (for their first bytes, or for their
+    /// migration's other channels) at once, or the process ran out of file descriptors:
+    /// the oldest gave way to a new connection.
     #[error("refused a connection: too many connections waiting for their migration")]
     TooMany,
 }
@@ -192,33 +193,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Reads the rest of a hello whose first four bytes were `first4`.
-fn read_hello(conn: &mut Incoming, first4: [u8; 4]) -> Result<Hello, ChannelRefused> {
-    let mut b = [0u8; HELLO_LEN];
-    b[..4].copy_from_slice(&first4);
-    // Four bytes: a wrong magic is refused as such, a right one is "truncated" so far.
-    match Hello::parse(&first4) {
-        Err(HelloError::Truncated { .. }) | Ok(_) => {}
-        Err(e) => return Err(e.into()),
-    }
-    let mut got = 4;
-    while got < HELLO_LEN {
-        match conn.read(&mut b[got..]) {
-            Ok(0) => return Err(HelloError::Truncated { got }.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(ChannelRefused::NoHello),
+/// Fills `buf` from its `got`-th byte by `deadline` (one read timeout per call, so a
+/// connection that drips a byte at a time gets no longer than one that sends nothing).
+/// Errors: `NoHello` at the deadline, `Closed { got }` when the peer closes or resets.
+fn read_by(
+    conn: &mut Incoming,
+    buf: &mut [u8],
+    mut got: usize,
+    deadline: Instant,
+) -> Result<(), ChannelRefused> {
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ChannelRefused::NoHello);
         }
-    }
-    Ok(Hello::parse(&b)?)
-}
-
-/// Reads the first four bytes of a connection.
-fn read_magic(conn: &mut Incoming) -> Result<[u8; 4], ChannelRefused> {
-    let mut b = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        match conn.read(&mut b[got..]) {
+        let _ = conn.set_read_timeout(Some(left));
+        match conn.read(&mut buf[got..]) {
             Ok(0) => return Err(ChannelRefused::Closed { got }),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -226,14 +216,31 @@ fn read_magic(conn: &mut Incoming) -> Result<[u8; 4], ChannelRefused> {
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(ChannelRefused::NoHello);
-            }
+                ) => {}
             Err(_) => return Err(ChannelRefused::Closed { got }),
         }
     }
-    Ok(b)
+    Ok(())
+}
+
+/// Reads the rest of a hello whose first four bytes were `first4`, by `deadline`.
+fn read_hello(
+    conn: &mut Incoming,
+    first4: [u8; 4],
+    deadline: Instant,
+) -> Result<Hello, ChannelRefused> {
+    let mut b = [0u8; HELLO_LEN];
+    b[..4].copy_from_slice(&first4);
+    // Four bytes: a wrong magic is refused as such, a right one is "truncated" so far.
+    match Hello::parse(&first4) {
+        Err(HelloError::Truncated { .. }) | Ok(_) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match read_by(conn, &mut b, 4, deadline) {
+        Err(ChannelRefused::Closed { got }) => return Err(HelloError::Truncated { got }.into()),
+        r => r?,
+    }
+    Ok(Hello::parse(&b)?)
 }
 
 /// Most connections held while migrations gather (channels waiting for the rest of their
@@ -272,6 +279,22 @@ struct Matcher {
 }
 
 impl Matcher {
+    /// Drops the migration whose first connection is the oldest (other than `keep`): a
+    /// `TooMany` per connection; none when there is no other.
+    fn evict_oldest(&mut self, keep: Option<[u8; 16]>) -> Vec<ChannelRefused> {
+        let oldest = self
+            .cands
+            .iter()
+            .filter(|(id, _)| Some(**id) != keep)
+            .min_by_key(|(_, c)| c.since)
+            .map(|(id, _)| *id);
+        let Some(c) = oldest.and_then(|id| self.cands.remove(&id)) else {
+            return Vec::new();
+        };
+        let n = usize::from(c.main.is_some()) + c.pages.len();
+        vec![ChannelRefused::TooMany; n]
+    }
+
     /// Whether a multifd source is connecting: a main channel waits for its page channels
     /// and its migration had a connection within [`HELLO_TIMEOUT`] (a source opens all its
     /// channels at once; a main hello left alone longer is no reason to turn a plain-stream
@@ -362,19 +385,11 @@ impl Matcher {
         // Room for it: the migrations that began longest ago give way.
         let mut evicted = Vec::new();
         while self.pending() >= MAX_PENDING {
-            let Some(oldest) = self
-                .cands
-                .iter()
-                .filter(|(id, _)| **id != h.migration_id)
-                .min_by_key(|(_, c)| c.since)
-                .map(|(id, _)| *id)
-            else {
+            let gone = self.evict_oldest(Some(h.migration_id));
+            if gone.is_empty() {
                 return (vec![ChannelRefused::TooMany], None);
-            };
-            if let Some(c) = self.cands.remove(&oldest) {
-                let n = usize::from(c.main.is_some()) + c.pages.len();
-                evicted.extend(std::iter::repeat_n(ChannelRefused::TooMany, n));
             }
+            evicted.extend(gone);
         }
         let (refused, complete) = self.place(h, conn);
         evicted.extend(refused);
@@ -489,9 +504,9 @@ impl Refusals {
 
 /// How an incoming migration began, once its first connections said what they are.
 pub(super) enum Opened {
-    /// A plain stream (`QEVM`): its first four bytes, the connection, and the connections
-    /// refused before it.
-    Plain([u8; 4], Incoming, Vec<ChannelRefused>),
+    /// A plain stream: its file header (`QEVM` and the version), the connection, and the
+    /// connections refused before it.
+    Plain([u8; 8], Incoming, Vec<ChannelRefused>),
     /// A multifd migration, every channel connected.
     Multifd(Gathered),
 }
@@ -575,25 +590,30 @@ enum Gathering {
     /// A multifd migration has every channel.
     Complete(Complete),
     /// A plain stream came first; the acceptor has stopped.
-    Plain([u8; 4], Incoming),
+    Plain([u8; 8], Incoming),
 }
 
 /// What a connection's first bytes say it is.
 enum Opening {
     /// A multifd hello (`PCMF`).
     Hello(Hello),
-    /// A plain migration stream (`QEVM`): its first four bytes.
-    Plain([u8; 4]),
+    /// A plain migration stream: its file header, `QEVM` and the version (a source,
+    /// QEMU's or ours, writes both at once; the loader checks the version).
+    Plain([u8; 8]),
 }
 
-/// Reads the first bytes of a connection, at most [`HELLO_TIMEOUT`]: a whole hello after
-/// `PCMF`, four bytes otherwise.
+/// Reads the first bytes of a connection, all within [`HELLO_TIMEOUT`] of the start: a
+/// whole hello after `PCMF`, the 8-byte file header after `QEVM`.
 fn opening_of(conn: &mut Incoming) -> Result<Opening, ChannelRefused> {
-    let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT));
-    let r = read_magic(conn).and_then(|m| match u32::from_be_bytes(m) {
-        MULTIFD_MAGIC => read_hello(conn, m).map(Opening::Hello),
-        FILE_MAGIC => Ok(Opening::Plain(m)),
-        found => Err(ChannelRefused::NotAMigration { found }),
+    let deadline = Instant::now() + HELLO_TIMEOUT;
+    let mut head = [0u8; 8];
+    let r = read_by(conn, &mut head[..4], 0, deadline).and_then(|()| {
+        let m = [head[0], head[1], head[2], head[3]];
+        match u32::from_be_bytes(m) {
+            MULTIFD_MAGIC => read_hello(conn, m, deadline).map(Opening::Hello),
+            FILE_MAGIC => read_by(conn, &mut head, 4, deadline).map(|()| Opening::Plain(head)),
+            found => Err(ChannelRefused::NotAMigration { found }),
+        }
     });
     let _ = conn.set_read_timeout(None);
     r
@@ -602,11 +622,25 @@ fn opening_of(conn: &mut Incoming) -> Result<Opening, ChannelRefused> {
 /// A reader thread's result: its id, what it read, the connection.
 type Opened1 = (u64, Result<Opening, ChannelRefused>, Incoming);
 
-/// The connections whose first bytes are being read, by reader id: each reader takes
-/// itself out (and sends its result) under this lock, so when accepting stops every
-/// reader is either still here (its connection is shut down and refused as
-/// [`ChannelRefused::Late`]) or its result is in the channel.
-type InFlight = Arc<Mutex<BTreeMap<u64, AbortHandle>>>;
+/// The connections whose first bytes are being read: reader id to socket descriptor.
+/// Each reader takes itself out (and sends its result) under this lock, and only then
+/// may drop its connection; so a descriptor found here is open and still this reader's,
+/// and when accepting stops (or a reader must give way) every reader is either still
+/// here (its connection is shut down: [`ChannelRefused::Late`] or `TooMany`) or its
+/// result is in the channel. No duplicate descriptor is held: at a limit of 1024 open
+/// files, 512 readers must not take 1024.
+type InFlight = Arc<Mutex<BTreeMap<u64, std::os::fd::RawFd>>>;
+
+/// Shuts down the socket `fd` (both directions), so its reader's blocked read returns.
+fn shut_down(fd: std::os::fd::RawFd) {
+    // SAFETY: `fd` comes from the in-flight map, which the caller holds locked; a
+    // descriptor in it is open and owned by a reader that cannot drop it before taking
+    // itself out of the map under that lock. shutdown() closes nothing, it only ends
+    // the connection's traffic.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
 
 fn accept_loop(
     listener: IncomingListener,
@@ -629,15 +663,18 @@ fn accept_loop(
         {
             let mut f = lock(&in_flight);
             while f.len() >= MAX_HELLO_READERS {
-                if let Some((_, h)) = f.pop_first() {
-                    h.abort();
+                if let Some((_, fd)) = f.pop_first() {
+                    shut_down(fd);
                     refusals.push(ChannelRefused::TooMany);
                 }
             }
         }
+        let Some(fd) = conn.socket_fd() else {
+            return;
+        };
         let id = next_id;
         next_id += 1;
-        lock(&in_flight).insert(id, conn.abort_handle());
+        lock(&in_flight).insert(id, fd);
         let (otx, flight) = (otx.clone(), Arc::clone(&in_flight));
         let spawned = thread::Builder::new()
             .name("migration-hello".into())
@@ -702,6 +739,23 @@ fn accept_loop(
                 spawn_reader(conn);
             }
             Ok(None) => {}
+            Err(TransportError::Io { source, .. })
+                if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) =>
+            {
+                // Out of descriptors before the caps: the oldest connection gives way,
+                // a reader still waiting for its first bytes, else a migration that
+                // began longest ago, so a source connecting now is not shut out.
+                let evicted = lock(&in_flight).pop_first().map(|(_, fd)| shut_down(fd));
+                match evicted {
+                    Some(()) => refusals.push(ChannelRefused::TooMany),
+                    None => {
+                        for e in m.evict_oldest(None) {
+                            refusals.push(e);
+                        }
+                    }
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
             Err(_) => thread::sleep(Duration::from_millis(20)),
         }
         if idle {
@@ -711,12 +765,12 @@ fn accept_loop(
     listener.close();
     // Connections still saying what they are: shut down and refused. Results sent before
     // are drained: they came too late as well.
-    let late: Vec<AbortHandle> = std::mem::take(&mut *lock(&in_flight))
-        .into_values()
-        .collect();
-    for h in late {
-        h.abort();
-        refusals.push(ChannelRefused::Late);
+    {
+        let mut f = lock(&in_flight);
+        for (_, fd) in std::mem::take(&mut *f) {
+            shut_down(fd);
+            refusals.push(ChannelRefused::Late);
+        }
     }
     while let Ok((_, r, _)) = orx.try_recv() {
         refusals.push(match r {

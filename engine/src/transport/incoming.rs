@@ -217,6 +217,16 @@ impl Incoming {
         }
     }
 
+    /// The socket's file descriptor (tcp: and unix: only).
+    pub(crate) fn socket_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match &self.kind {
+            InKind::Tcp(s) => Some(s.as_raw_fd()),
+            InKind::Unix(s) => Some(s.as_raw_fd()),
+            _ => None,
+        }
+    }
+
     /// Whether the peer has closed (or reset) the connection, without reading or
     /// waiting: bytes not yet read, or nothing yet, count as open. Sockets only; false
     /// for files and pipes.

@@ -168,6 +168,33 @@ impl MigrationSink for std::net::TcpStream {}
 impl MigrationSink for std::os::unix::net::UnixStream {}
 impl MigrationSink for std::fs::File {}
 
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to its hard limit,
+/// for a destination that accepts many connections: a multifd migration takes one per
+/// channel, and strays take theirs until refused. At a soft limit of 1024 (a common
+/// default) `accept` fails with EMFILE before the destination's own caps are reached.
+/// Returns the soft limit now in force.
+///
+/// Errors: the OS refused to report or change the limit.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid, writable rlimit; getrlimit only fills it.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r.rlim_cur < r.rlim_max {
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: `r` is a valid rlimit whose soft limit does not exceed its hard limit;
+        // setrlimit only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(r.rlim_cur)
+}
+
 pub(crate) fn inherited_fd(n: i32, uri: &str) -> Result<File, TransportError> {
     use std::os::fd::{FromRawFd, OwnedFd};
     // Check the descriptor is open before taking ownership of it.
