@@ -633,10 +633,9 @@ type InFlight = Arc<Mutex<BTreeMap<u64, std::os::fd::RawFd>>>;
 
 /// Shuts down the socket `fd` (both directions), so its reader's blocked read returns.
 fn shut_down(fd: std::os::fd::RawFd) {
-    // SAFETY: `fd` comes from the in-flight map, which the caller holds locked; a
-    // descriptor in it is open and owned by a reader that cannot drop it before taking
-    // itself out of the map under that lock. shutdown() closes nothing, it only ends
-    // the connection's traffic.
+    // shutdown() closes nothing; it only ends the connection's traffic.
+    // SAFETY: `fd` is from the in-flight map, held locked by the caller: it is open and
+    // its reader cannot close it before taking it out of the map under that lock.
     unsafe {
         libc::shutdown(fd, libc::SHUT_RDWR);
     }
